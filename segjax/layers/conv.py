@@ -1,0 +1,48 @@
+"""Conv -> BatchNorm -> activation, the unit every encoder and decoder is made of.
+
+BatchNorm statistics are means over the batch axis of the (global) array. Under
+`jax.jit` with the batch sharded over a mesh, XLA computes them across all
+devices, so this is synchronized BatchNorm without an explicit `axis_name`.
+"""
+from typing import Any, Callable, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: Union[str, Any]) -> Any:
+  """Maps a config dtype name ('float32', 'bfloat16', ...) to a jnp dtype."""
+  if not isinstance(dtype, str):
+    return dtype
+  if dtype not in _DTYPES:
+    raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}.")
+  return _DTYPES[dtype]
+
+
+def batch_norm(train: bool, dtype: Any, param_dtype: Any, name: Optional[str] = None,
+               momentum: float = 0.9, epsilon: float = 1e-5) -> nn.BatchNorm:
+  """BatchNorm with PyTorch-like epsilon, batch statistics while training."""
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                      dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class ConvBNAct(nn.Module):
+  """A bias-free convolution followed by BatchNorm and an activation."""
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  dilation: int = 1
+  activation: Optional[Callable] = nn.relu
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.features, tuple(self.kernel_size), strides=tuple(self.strides),
+                kernel_dilation=(self.dilation, self.dilation), padding="SAME",
+                use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.initializers.kaiming_normal(), name="conv")(x)
+    x = batch_norm(train, self.dtype, self.param_dtype, name="bn")(x)
+    return self.activation(x) if self.activation is not None else x

@@ -1,0 +1,68 @@
+"""A small FCN-8s (Long et al., 2015): a VGG-style encoder whose class scores
+at strides 32, 16 and 8 are fused by learned 2x upsampling (transposed convs
+initialised to bilinear interpolation), then upsampled 8x to the input."""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segjax.layers import ConvBNAct
+from segjax.models.registry import MODELS, check_images
+
+
+def bilinear_kernel_init(key, shape, dtype=jnp.float32):
+  """Per-channel bilinear upsampling kernel (kh, kw, in, out) for ConvTranspose."""
+  del key
+  kh, kw, cin, cout = shape
+  def taps(k):
+    factor = (k + 1) // 2
+    center = factor - 1 if k % 2 == 1 else factor - 0.5
+    return 1 - np.abs(np.arange(k) - center) / factor
+  kernel = np.zeros(shape, np.float32)
+  kernel[:, :, np.arange(min(cin, cout)), np.arange(min(cin, cout))] = (
+      np.outer(taps(kh), taps(kw))[:, :, None])
+  return jnp.asarray(kernel, dtype)
+
+
+@MODELS.register("fcn8s")
+class FCN8s(nn.Module):
+  """FCN-8s with 5 conv stages (`stage_widths`) each ending in a 2x2 max pool."""
+  num_classes: int
+  stage_widths: Sequence[int] = (32, 64, 128, 256, 256)
+  convs_per_stage: int = 2
+  head_width: int = 512
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    check_images(images)
+    if len(self.stage_widths) != 5:
+      raise ValueError("FCN-8s needs exactly 5 stage widths (strides 2..32).")
+    if images.shape[1] % 32 or images.shape[2] % 32:
+      raise ValueError(f"FCN-8s needs height and width divisible by 32, got "
+                       f"{images.shape[1]}x{images.shape[2]}; pad or crop.")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = images.astype(self.dtype)
+    pools = []
+    for s, width in enumerate(self.stage_widths):
+      for c in range(self.convs_per_stage):
+        x = ConvBNAct(width, name=f"stage{s}_conv{c}", **kw)(x, train)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      pools.append(x)
+    # "fc6"/"fc7" as convolutions, as in the FCN paper.
+    x = ConvBNAct(self.head_width, (3, 3), name="fc6", **kw)(x, train)
+    x = ConvBNAct(self.head_width, (1, 1), name="fc7", **kw)(x, train)
+    x = nn.Dropout(0.1, deterministic=not train)(x)
+    score = nn.Conv(self.num_classes, (1, 1), name="score32", **kw)(x)
+    up = lambda y, name, factor: nn.ConvTranspose(
+        self.num_classes, (2 * factor, 2 * factor), strides=(factor, factor), padding="SAME",
+        use_bias=False, kernel_init=bilinear_kernel_init, name=name, **kw)(y)
+    score = up(score, "up32", 2) + nn.Conv(self.num_classes, (1, 1), name="score16",
+                                           kernel_init=nn.initializers.zeros, **kw)(pools[3])
+    score = up(score, "up16", 2) + nn.Conv(self.num_classes, (1, 1), name="score8",
+                                           kernel_init=nn.initializers.zeros, **kw)(pools[2])
+    logits = up(score, "up8", 8)
+    return logits.astype(jnp.float32)

@@ -1,0 +1,109 @@
+"""Cross-entropy against PyTorch; mIoU/aAcc/mAcc against a direct NumPy count."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from segjax.losses import pixel_cross_entropy
+from segjax.metrics import confusion_matrix, format_iou_table, segmentation_metrics
+
+
+def _random_case(seed, shape=(2, 9, 11), num_classes=5, ignore_frac=0.3):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=shape + (num_classes,)).astype(np.float32) * 3
+  labels = rng.integers(0, num_classes, shape)
+  labels[rng.random(shape) < ignore_frac] = 255
+  return logits, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cross_entropy_matches_torch(seed):
+  logits, labels = _random_case(seed)
+  ours = pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 255)
+  ref = torch.nn.functional.cross_entropy(
+      torch.from_numpy(logits).permute(0, 3, 1, 2), torch.from_numpy(labels), ignore_index=255)
+  np.testing.assert_allclose(float(ours), ref.item(), rtol=1e-5)
+
+
+def test_cross_entropy_class_weights_match_torch():
+  logits, labels = _random_case(3)
+  weights = np.array([0.5, 1.0, 2.0, 0.1, 3.0], np.float32)
+  ours = pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 255, jnp.asarray(weights))
+  ref = torch.nn.functional.cross_entropy(
+      torch.from_numpy(logits).permute(0, 3, 1, 2), torch.from_numpy(labels),
+      weight=torch.from_numpy(weights), ignore_index=255)
+  np.testing.assert_allclose(float(ours), ref.item(), rtol=1e-5)
+
+
+def test_ignored_pixels_have_no_loss_and_zero_gradient():
+  logits, labels = _random_case(4)
+  ignored = labels == 255
+  grads = jax.grad(pixel_cross_entropy)(jnp.asarray(logits), jnp.asarray(labels), 255)
+  assert np.all(np.asarray(grads)[ignored] == 0)
+  assert np.any(np.abs(np.asarray(grads)[~ignored]) > 0)
+  # Changing logits at ignored pixels changes nothing.
+  perturbed = logits.copy()
+  perturbed[ignored] += 100.0
+  np.testing.assert_allclose(float(pixel_cross_entropy(jnp.asarray(perturbed), labels, 255)),
+                             float(pixel_cross_entropy(jnp.asarray(logits), labels, 255)),
+                             rtol=1e-6)
+  # The mean is over non-ignored pixels only.
+  valid = ~ignored
+  nll = -jax.nn.log_softmax(jnp.asarray(logits))[valid, labels[valid]]
+  np.testing.assert_allclose(float(pixel_cross_entropy(jnp.asarray(logits), labels, 255)),
+                             float(nll.mean()), rtol=1e-5)
+
+
+def test_all_ignored_gives_zero_loss():
+  logits, labels = _random_case(5)
+  assert float(pixel_cross_entropy(jnp.asarray(logits), np.full_like(labels, 255), 255)) == 0.0
+
+
+def _numpy_metrics(preds, labels, num_classes, ignore_index=255):
+  """The mmsegmentation definitions, written out per class."""
+  valid = labels != ignore_index
+  p, l = preds[valid], labels[valid]
+  inter = np.array([np.sum((p == c) & (l == c)) for c in range(num_classes)], float)
+  area_p = np.array([np.sum(p == c) for c in range(num_classes)], float)
+  area_l = np.array([np.sum(l == c) for c in range(num_classes)], float)
+  union = area_p + area_l - inter
+  with np.errstate(invalid="ignore", divide="ignore"):
+    iou, acc = inter / union, inter / area_l
+  return np.nanmean(iou), inter.sum() / area_l.sum(), np.nanmean(acc), iou
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_equal_direct_numpy_computation(seed):
+  rng = np.random.default_rng(seed)
+  num_classes = 6
+  labels = rng.integers(0, num_classes, (4, 17, 13))
+  labels[rng.random(labels.shape) < 0.2] = 255
+  if seed % 2:  # a class absent from labels and predictions -> NaN IoU, left out of the mean
+    labels[labels == 5] = 0
+  preds = np.where(rng.random(labels.shape) < 0.6, labels, rng.integers(0, num_classes,
+                                                                         labels.shape))
+  preds[preds == 255] = 1
+  if seed % 2:
+    preds[preds == 5] = 2
+  # Accumulated batch by batch, as the eval loop does.
+  cm = jnp.zeros((num_classes, num_classes), jnp.int32)
+  for b in range(labels.shape[0]):
+    cm = cm + confusion_matrix(jnp.asarray(preds[b:b + 1]), jnp.asarray(labels[b:b + 1]),
+                               num_classes, 255)
+  ours = segmentation_metrics(np.asarray(cm))
+  miou, aacc, macc, iou = _numpy_metrics(preds, labels, num_classes)
+  np.testing.assert_allclose(ours["mIoU"], miou, rtol=1e-12)
+  np.testing.assert_allclose(ours["aAcc"], aacc, rtol=1e-12)
+  np.testing.assert_allclose(ours["mAcc"], macc, rtol=1e-12)
+  np.testing.assert_array_equal(np.isnan(ours["IoU"]), np.isnan(iou))
+  assert np.isnan(ours["IoU"][5]) == bool(seed % 2)
+  table = format_iou_table(ours, [f"c{i}" for i in range(num_classes)])
+  assert f"mIoU {100 * miou:.2f}" in table
+
+
+def test_perfect_predictions_give_one():
+  labels = np.array([[[0, 1, 255], [2, 2, 1]]])
+  m = segmentation_metrics(np.asarray(confusion_matrix(jnp.asarray(np.where(
+      labels == 255, 0, labels)), jnp.asarray(labels), 3)))
+  assert m["mIoU"] == 1.0 and m["aAcc"] == 1.0 and m["mAcc"] == 1.0
