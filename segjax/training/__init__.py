@@ -1,0 +1,1 @@
+"""Training: optimizers, sharding, the stateless steps, checkpoints and the loop."""

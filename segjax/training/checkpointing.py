@@ -1,0 +1,72 @@
+"""orbax checkpoints of the train state, the data iterator and a model record.
+
+A checkpoint holds three items: `state` (the sharded TrainState), `data` (the
+grain iterator position, one file per process) and `meta` (model name, number
+of classes and parameter shapes). On restart the latest checkpoint in the
+workdir is restored; one written by a different model is refused with a
+sentence saying so instead of failing deep inside the restore.
+"""
+import os
+from typing import Any, Dict, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from segjax.training.sharding import path_name
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir holds a checkpoint of a different model."""
+
+
+def model_record(model_name: str, num_classes: int, params) -> Dict[str, Any]:
+  shapes = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {"model": model_name, "num_classes": num_classes,
+          "param_shapes": {path_name(p): list(x.shape) for p, x in shapes}}
+
+
+def create_manager(workdir: str, save_every: int, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
+                                         create=True)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, record,
+         force: bool = False) -> bool:
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+      meta=ocp.args.JsonSave(record)), force=force)
+
+
+def check_record(found: Dict[str, Any], expected: Dict[str, Any], directory: str) -> None:
+  if found["model"] != expected["model"] or found["num_classes"] != expected["num_classes"]:
+    raise CheckpointMismatchError(
+        f"The workdir's checkpoints at {directory} are of model {found['model']!r} with "
+        f"{found['num_classes']} classes, but the config asks for {expected['model']!r} with "
+        f"{expected['num_classes']} classes; use a new --workdir.")
+  if found["param_shapes"] != expected["param_shapes"]:
+    diff = sorted(k for k in set(found["param_shapes"]) | set(expected["param_shapes"])
+                  if found["param_shapes"].get(k) != expected["param_shapes"].get(k))
+    raise CheckpointMismatchError(
+        f"The workdir's checkpoints at {directory} hold model {found['model']!r} with other "
+        f"parameter shapes than the config builds (first difference: {diff[0]}); the model "
+        f"options changed, so use a new --workdir.")
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator,
+                   record) -> Optional[Any]:
+  """Restores the latest checkpoint into the iterator and returns the state, or None."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  found = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  check_record(found, record, str(manager.directory))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  return restored["state"]

@@ -1,0 +1,65 @@
+"""Pure, keyword-bound train and eval steps.
+
+`train_step(state, batch, rng, *, model, tx, ...)` and `eval_step` are plain
+functions of arrays; the trainer binds the keyword arguments with
+`functools.partial` and jits them with explicit shardings.
+"""
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from segjax.losses import pixel_cross_entropy
+from segjax.metrics import confusion_matrix
+from segjax.training.train_state import TrainState
+
+
+def resize_logits(logits: jax.Array, size) -> jax.Array:
+  """Bilinear (half-pixel, like align_corners=False) resize of NHWC logits."""
+  if tuple(logits.shape[1:3]) == tuple(size):
+    return logits
+  return jax.image.resize(logits, (logits.shape[0], *size, logits.shape[-1]), "bilinear")
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               ignore_index: int) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer step on a global batch; returns the new state and scalars."""
+  labels = batch["label"].astype(jnp.int32)
+  dropout_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+    logits = resize_logits(logits, labels.shape[1:3])
+    return pixel_cross_entropy(logits, labels, ignore_index), (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1,
+                            params=optax.apply_updates(state.params, param_updates),
+                            batch_stats=updates["batch_stats"], opt_state=opt_state)
+  valid = labels != ignore_index
+  correct = (jnp.argmax(logits, -1) == labels) & valid
+  metrics = {"loss": loss, "learning_rate": schedule(state.step),
+             "pixel_accuracy": correct.sum() / jnp.maximum(valid.sum(), 1),
+             "grad_norm": optax.global_norm(grads)}
+  return new_state, metrics
+
+
+def predict(state: TrainState, images: jax.Array, *, model: nn.Module) -> jax.Array:
+  """Inference-mode logits at the input resolution."""
+  return model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                     train=False)
+
+
+def eval_step(state: TrainState, batch: Dict[str, jax.Array], confusion: jax.Array, *,
+              model: nn.Module, num_classes: int, ignore_index: int) -> Tuple[jax.Array, Any]:
+  """Adds the batch to the running confusion matrix; also returns predictions."""
+  labels = batch["label"].astype(jnp.int32)
+  logits = resize_logits(predict(state, batch["image"], model=model), labels.shape[1:3])
+  predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return confusion + confusion_matrix(predictions, labels, num_classes, ignore_index), predictions

@@ -1,0 +1,147 @@
+"""The training loop: config in, trained and evaluated checkpoints out.
+
+`train_and_evaluate(config, workdir)` builds the mesh, data, model and
+optimizer from the config, restores the latest checkpoint in `workdir` if one
+exists (train state and data position), runs the jitted, sharded, donated
+`train_step`, evaluates every `eval_every` steps and at the end, and writes
+checkpoints, TensorBoard scalars, `metrics.jsonl` and prediction panels.
+"""
+import functools
+import os
+import time
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from segjax import visualization
+from segjax.data import pipeline
+from segjax.data.sources import DatasetSpec, get_dataset
+from segjax.metrics import format_iou_table, segmentation_metrics
+from segjax.models import build_model
+from segjax.training import checkpointing, optimizers, sharding, steps
+from segjax.training.run_logging import MetricWriter
+from segjax.training.train_state import TrainState
+
+
+def create_train_state(model, tx, rng: jax.Array, input_shape: Tuple[int, ...], mesh,
+                       param_rules) -> Tuple[TrainState, Any]:
+  """Initialises the state directly into its shardings; returns (state, shardings)."""
+  def init(rng):
+    variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape, jnp.float32),
+                           train=False)
+    return TrainState.create(variables["params"], variables.get("batch_stats", {}), tx)
+
+  abstract = jax.eval_shape(init, rng)
+  state_shardings = sharding.tree_shardings(abstract, mesh, param_rules)
+  state = jax.jit(init, out_shardings=state_shardings)(rng)
+  return state, state_shardings
+
+
+def data_ops(config: ml_collections.ConfigDict, ops: str, dataset: DatasetSpec) -> str:
+  """The configured ops between the input checks and normalization every pipeline runs."""
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
+  return (f"squeeze_labels|check_image|{ops}|normalize(mean={mean}, std={std})|"
+          f"check_labels(num_classes={dataset.num_classes}, ignore_index={dataset.ignore_index})")
+
+
+def evaluate(state, eval_fn, dataset: DatasetSpec, config, batch_sharding, replicated,
+             workdir: str, step: int) -> Dict[str, Any]:
+  """Runs a full pass over the eval split; returns metrics and writes a panel PNG."""
+  source = dataset.source(config.data.eval_split)
+  confusion = jax.device_put(jnp.zeros((dataset.num_classes,) * 2, jnp.int32), replicated)
+  first = None
+  for local in pipeline.eval_batches(source, data_ops(config, config.data.eval_ops, dataset),
+                                     config.data.eval_batch_size, dataset.ignore_index):
+    confusion, predictions = eval_fn(state, pipeline.to_global(local, batch_sharding),
+                                     confusion)
+    if first is None:
+      first = (local, multihost_utils.process_allgather(predictions, tiled=True))
+  metrics = segmentation_metrics(np.asarray(jax.device_get(confusion)))
+  if jax.process_index() == 0 and first is not None:
+    local, predictions = first
+    image = visualization.panel(local["image"], local["label"], predictions, dataset.palette,
+                                dataset.ignore_index, config.data.mean, config.data.std)
+    os.makedirs(os.path.join(workdir, "predictions"), exist_ok=True)
+    visualization.save_png(os.path.join(workdir, "predictions", f"step_{step:07d}.png"), image)
+  return metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns eval metrics."""
+  dataset = get_dataset(config.data.name, config.data.data_dir, config.data.manual_dir)
+  mesh = sharding.create_mesh(config.mesh.axes)
+  batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
+  replicated = NamedSharding(mesh, P())
+  model = build_model(config.model.name, dataset.num_classes, config.model.options,
+                      config.model.dtype, config.model.param_dtype)
+  tx, schedule = optimizers.create_optimizer(config.optimizer, config.total_steps)
+
+  train_source = dataset.source(config.data.train_split)
+  train_ops = data_ops(config, config.data.train_ops, dataset)
+  example = pipeline.example_shapes(train_source, train_ops)
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  state, state_shardings = create_train_state(
+      model, tx, init_rng, (1,) + example["image"], mesh, config.mesh.param_rules)
+  train_iter = pipeline.train_iterator(train_source, train_ops, config.data.batch_size,
+                                       config.seed, config.data.num_threads)
+
+  manager = checkpointing.create_manager(workdir, config.checkpoint_every,
+                                         config.keep_checkpoints)
+  record = checkpointing.model_record(config.model.name, dataset.num_classes, state.params)
+  restored = checkpointing.restore_latest(manager, state, train_iter, record)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
+
+  train_fn = jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
+                        ignore_index=dataset.ignore_index),
+      in_shardings=(state_shardings, batch_sharding, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  eval_fn = jax.jit(
+      functools.partial(steps.eval_step, model=model, num_classes=dataset.num_classes,
+                        ignore_index=dataset.ignore_index),
+      in_shardings=(state_shardings, batch_sharding, replicated),
+      out_shardings=(replicated, batch_sharding), donate_argnums=(2,))
+
+  writer = MetricWriter(workdir)
+  start_step = int(state.step)
+  progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                  disable=jax.process_index() != 0, desc=config.model.name)
+  eval_metrics: Dict[str, Any] = {}
+  window_start, window_steps = time.perf_counter(), 0
+  for step in range(start_step + 1, config.total_steps + 1):
+    batch = pipeline.to_global(next(train_iter), batch_sharding)
+    state, metrics = train_fn(state, batch, dropout_rng)
+    window_steps += 1
+    progress.update(1)
+    if step % config.log_every == 0 or step == config.total_steps:
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - window_start
+      metrics["images_per_second"] = window_steps * config.data.batch_size / elapsed
+      writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+      progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
+                           img_s=f"{metrics['images_per_second']:.1f}")
+      window_start, window_steps = time.perf_counter(), 0
+    if step % config.eval_every == 0 or step == config.total_steps:
+      eval_metrics = evaluate(state, eval_fn, dataset, config, batch_sharding, replicated,
+                              workdir, step)
+      writer.scalars(step, {f"eval/{k}": eval_metrics[k] for k in ("mIoU", "aAcc", "mAcc")})
+      table = format_iou_table(eval_metrics, dataset.class_names)
+      writer.text(step, "eval/per_class", table)
+      progress.write(f"step {step} eval on {config.data.eval_split}:\n{table}")
+      window_start = time.perf_counter()
+    checkpointing.save(manager, step, state, train_iter, record,
+                       force=step == config.total_steps)
+  progress.close()
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return {"state": state, **eval_metrics}
