@@ -1,10 +1,12 @@
 """Procedural scenes for the embedded default dataset `segjax_shapes`.
 
-A 128x128 scene is a background of 1-3 textured "stuff" regions with 1-6
+A 128x128 scene is a background of 1-3 textured "stuff" regions with 2-7
 "thing" shapes painted on top, occluding each other in paint order. Stuff
-classes differ by texture and thing classes by shape (their colour and fill
-texture are random), so a small network learns them in minutes on a CPU, which
-makes the dataset a self-contained default for tests, examples and benchmarks.
+classes differ by texture; thing classes by shape together with a fill pattern
+of their own (disk solid, square striped, triangle checkered, ring dotted), in
+random colours, scales and angles. A small network learns them in minutes on a
+CPU, which makes the dataset a self-contained default for tests, examples and
+benchmarks.
 
 Everything is drawn with vectorised numpy from one `np.random.Generator`, so an
 example is a pure function of its seed. The semantic, instance and panoptic
@@ -40,7 +42,7 @@ PALETTE.flags.writeable = False
 
 _DISK, _SQUARE, _TRIANGLE, _RING = THING_CLASSES
 _SKY, _GRASS, _WALL = STUFF_CLASSES
-_THING_SIZE = (14.0, 48.0)  # Disk diameter, square side; see _thing_mask.
+_THING_SIZE = (20.0, 56.0)  # Disk diameter, square side; see _thing_mask.
 _MIN_RING_SIZE = 22.0  # Keeps ring walls a few pixels thick.
 _MIN_INTERIOR = 24  # Fewest non-ignore pixels a visible thing may keep.
 _MAX_ATTEMPTS = 40  # Thing placements tried per scene.
@@ -102,8 +104,27 @@ def _solid(rng, colour):
   return colour
 
 
+def _checker(rng, colour):
+  """A rotated checkerboard of `colour` and a lighter shade."""
+  period = rng.uniform(6.0, 10.0)
+  angle = rng.uniform(0.0, np.pi / 2)
+  u = np.floor(_projection(angle) / period).astype(np.int32)
+  v = np.floor(_projection(angle + np.pi / 2) / period).astype(np.int32)
+  return np.where((u + v) & 1, colour, np.clip(colour * 0.5 + 128.0, 0, 255))
+
+
+def _dots(rng, colour):
+  """Round dots of a darker shade on `colour`, on a random grid."""
+  period = rng.uniform(6.0, 9.0)
+  fx = (_COLS + rng.uniform(0, period)) % period - period / 2
+  fy = (_ROWS + rng.uniform(0, period)) % period - period / 2
+  return np.where(fx * fx + fy * fy <= (0.3 * period) ** 2, colour * 0.4, colour)
+
+
 _STUFF_TEXTURES = {_SKY: _sky, _GRASS: _speckle, _WALL: _bricks}
-_THING_TEXTURES = (_solid, _stripes, _speckle)
+# Each thing class has its own fill pattern (with random colour, scale and
+# angle), so a thing is told by its shape and its pattern together.
+_THING_TEXTURES = {_DISK: _solid, _SQUARE: _stripes, _TRIANGLE: _checker, _RING: _dots}
 
 
 def _paint(image, mask, texture, rng, colour):
@@ -197,7 +218,7 @@ def _contrasting_colour(rng, avoid):
 
 
 def _things(rng, image, stuff_colours):
-  """Paints 1-6 things; returns the instance-id map and their classes.
+  """Paints 2-7 things; returns the instance-id map and their classes.
 
   A placement is redrawn when it would leave a thing (itself or an earlier one)
   partly visible with fewer than `_MIN_INTERIOR` non-ignore pixels, so every
@@ -205,7 +226,7 @@ def _things(rng, image, stuff_colours):
   """
   ids = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
   classes = []
-  num_things = rng.integers(1, 7)
+  num_things = rng.integers(2, 8)
   for _ in range(_MAX_ATTEMPTS):
     if len(classes) == num_things:
       break
@@ -218,8 +239,7 @@ def _things(rng, image, stuff_colours):
         candidate[~_boundary_band(candidate)], minlength=counts)[1:]
     if np.any((visible > 0) & (interior < _MIN_INTERIOR)):
       continue
-    texture = _THING_TEXTURES[rng.integers(len(_THING_TEXTURES))]
-    _paint(image, mask, texture, rng, _contrasting_colour(rng, stuff_colours))
+    _paint(image, mask, _THING_TEXTURES[cls], rng, _contrasting_colour(rng, stuff_colours))
     ids = candidate
     classes.append(cls)
   visible = np.bincount(ids.ravel(), minlength=len(classes) + 1)[1:]

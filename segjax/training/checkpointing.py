@@ -26,9 +26,9 @@ def model_record(model_name: str, num_classes: int, params) -> Dict[str, Any]:
           "param_shapes": {path_name(p): list(x.shape) for p, x in shapes}}
 
 
-def create_manager(workdir: str, save_every: int, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
-                                         create=True)
+def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """Keeps the `keep` latest checkpoints; the trainer decides when to save."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -36,11 +36,10 @@ def create_manager(workdir: str, save_every: int, keep: int) -> ocp.CheckpointMa
                      "meta": ocp.JsonCheckpointHandler()})
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, record,
-         force: bool = False) -> bool:
-  return manager.save(step, args=ocp.args.Composite(
+def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, record) -> None:
+  manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-      meta=ocp.args.JsonSave(record)), force=force)
+      meta=ocp.args.JsonSave(record)), force=True)
 
 
 def check_record(found: Dict[str, Any], expected: Dict[str, Any], directory: str) -> None:

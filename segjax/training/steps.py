@@ -4,7 +4,7 @@
 functions of arrays; the trainer binds the keyword arguments with
 `functools.partial` and jits them with explicit shardings.
 """
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,8 @@ def resize_logits(logits: jax.Array, size) -> jax.Array:
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               ignore_index: int) -> Tuple[TrainState, Dict[str, jax.Array]]:
+               ignore_index: int, class_weights: Optional[Tuple[float, ...]] = None
+               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer step on a global batch; returns the new state and scalars."""
   labels = batch["label"].astype(jnp.int32)
   dropout_rng = jax.random.fold_in(rng, state.step)
@@ -35,7 +36,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         mutable=["batch_stats"], rngs={"dropout": dropout_rng})
     logits = resize_logits(logits, labels.shape[1:3])
-    return pixel_cross_entropy(logits, labels, ignore_index), (logits, updates)
+    loss = pixel_cross_entropy(logits, labels, ignore_index, class_weights)
+    return loss, (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -47,8 +47,9 @@ def create_train_state(model, tx, rng: jax.Array, input_shape: Tuple[int, ...], 
 def data_ops(config: ml_collections.ConfigDict, ops: str, dataset: DatasetSpec) -> str:
   """The configured ops between the input checks and normalization every pipeline runs."""
   mean, std = tuple(config.data.mean), tuple(config.data.std)
-  return (f"squeeze_labels|check_image|{ops}|normalize(mean={mean}, std={std})|"
-          f"check_labels(num_classes={dataset.num_classes}, ignore_index={dataset.ignore_index})")
+  parts = ["squeeze_labels", "check_image", ops, f"normalize(mean={mean}, std={std})",
+           f"check_labels(num_classes={dataset.num_classes}, ignore_index={dataset.ignore_index})"]
+  return "|".join(p for p in parts if p)
 
 
 def evaluate(state, eval_fn, dataset: DatasetSpec, config, batch_sharding, replicated,
@@ -82,6 +83,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   model = build_model(config.model.name, dataset.num_classes, config.model.options,
                       config.model.dtype, config.model.param_dtype)
   tx, schedule = optimizers.create_optimizer(config.optimizer, config.total_steps)
+  class_weights = tuple(config.loss.class_weights) or None
+  if class_weights and len(class_weights) != dataset.num_classes:
+    raise ValueError(f"loss.class_weights has {len(class_weights)} entries but dataset "
+                     f"{dataset.name!r} has {dataset.num_classes} classes.")
 
   train_source = dataset.source(config.data.train_split)
   train_ops = data_ops(config, config.data.train_ops, dataset)
@@ -92,8 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   train_iter = pipeline.train_iterator(train_source, train_ops, config.data.batch_size,
                                        config.seed, config.data.num_threads)
 
-  manager = checkpointing.create_manager(workdir, config.checkpoint_every,
-                                         config.keep_checkpoints)
+  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   record = checkpointing.model_record(config.model.name, dataset.num_classes, state.params)
   restored = checkpointing.restore_latest(manager, state, train_iter, record)
   if restored is not None:
@@ -102,7 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   train_fn = jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                        ignore_index=dataset.ignore_index),
+                        ignore_index=dataset.ignore_index, class_weights=class_weights),
       in_shardings=(state_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   eval_fn = jax.jit(
@@ -115,33 +119,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   start_step = int(state.step)
   progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0, desc=config.model.name)
+  def run_eval(step: int) -> Dict[str, Any]:
+    metrics = evaluate(state, eval_fn, dataset, config, batch_sharding, replicated, workdir,
+                       step)
+    writer.scalars(step, {f"eval/{k}": metrics[k] for k in ("mIoU", "aAcc", "mAcc")})
+    table = format_iou_table(metrics, dataset.class_names)
+    writer.text(step, "eval/per_class", table)
+    progress.write(f"step {step} eval on {config.data.eval_split}:\n{table}")
+    return metrics
+
   eval_metrics: Dict[str, Any] = {}
-  window_start, window_steps = time.perf_counter(), 0
-  for step in range(start_step + 1, config.total_steps + 1):
-    batch = pipeline.to_global(next(train_iter), batch_sharding)
-    state, metrics = train_fn(state, batch, dropout_rng)
-    window_steps += 1
-    progress.update(1)
-    if step % config.log_every == 0 or step == config.total_steps:
-      metrics = jax.device_get(metrics)
-      elapsed = time.perf_counter() - window_start
-      metrics["images_per_second"] = window_steps * config.data.batch_size / elapsed
-      writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
-      progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
-                           img_s=f"{metrics['images_per_second']:.1f}")
-      window_start, window_steps = time.perf_counter(), 0
-    if step % config.eval_every == 0 or step == config.total_steps:
-      eval_metrics = evaluate(state, eval_fn, dataset, config, batch_sharding, replicated,
-                              workdir, step)
-      writer.scalars(step, {f"eval/{k}": eval_metrics[k] for k in ("mIoU", "aAcc", "mAcc")})
-      table = format_iou_table(eval_metrics, dataset.class_names)
-      writer.text(step, "eval/per_class", table)
-      progress.write(f"step {step} eval on {config.data.eval_split}:\n{table}")
-      window_start = time.perf_counter()
-    checkpointing.save(manager, step, state, train_iter, record,
-                       force=step == config.total_steps)
-  progress.close()
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  try:
+    if start_step >= config.total_steps:
+      logging.warning("The workdir is already trained to step %d; evaluating it.", start_step)
+      eval_metrics = run_eval(start_step)
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start_step + 1, config.total_steps + 1):
+      batch = pipeline.to_global(next(train_iter), batch_sharding)
+      state, metrics = train_fn(state, batch, dropout_rng)
+      window_steps += 1
+      progress.update(1)
+      if step % config.log_every == 0 or step == config.total_steps:
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - window_start
+        metrics["images_per_second"] = window_steps * config.data.batch_size / elapsed
+        writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                             lr=f"{metrics['learning_rate']:.2e}",
+                             img_s=f"{metrics['images_per_second']:.1f}")
+        window_start, window_steps = time.perf_counter(), 0
+      if step % config.eval_every == 0 or step == config.total_steps:
+        eval_metrics = run_eval(step)
+        window_start = time.perf_counter()
+      if step % config.checkpoint_every == 0 or step == config.total_steps:
+        checkpointing.save(manager, step, state, train_iter, record)
+  finally:
+    # Saves are asynchronous: a crash must not lose a checkpoint being written.
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
   return {"state": state, **eval_metrics}
