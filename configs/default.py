@@ -1,0 +1,64 @@
+"""Defaults shared by every config; each config file extends `get_config()` here.
+
+Components are named (model, dataset, preprocessing ops) and built from
+registries; `python train.py --config configs/X.py:VARIANT --config.key=value`.
+The data ops run after the input checks and before normalization, both of
+which every pipeline adds itself.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "unet"
+  config.model.options = ml_collections.ConfigDict()  # constructor arguments of the model
+  config.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+  config.model.param_dtype = "float32"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "segjax_shapes"
+  config.data.data_dir = ""  # tfds data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.data.manual_dir = ""  # archives you downloaded; "" = <data_dir>/downloads/manual
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.train_ops = ""
+  config.data.eval_ops = ""
+  config.data.mean = (123.675, 116.28, 103.53)  # RGB, 0..255
+  config.data.std = (58.395, 57.12, 57.375)
+  config.data.batch_size = 16  # global, over all devices and processes
+  config.data.eval_batch_size = 16
+  config.data.num_threads = 2  # grain reader threads per process
+
+  config.loss = ml_collections.ConfigDict()
+  # Per-class weights of the cross-entropy (mmseg's class_weight); () = all 1.
+  config.loss.class_weights = ()
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"  # sgd | adamw
+  config.optimizer.learning_rate = 0.01
+  config.optimizer.min_learning_rate = 1e-4
+  config.optimizer.schedule = "poly"  # poly | cosine | constant (after warmup)
+  config.optimizer.poly_power = 0.9
+  config.optimizer.warmup_steps = 0
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.weight_decay = 5e-4
+  config.optimizer.grad_clip_norm = 0.0  # 0 = off
+
+  config.total_steps = 1000
+  config.log_every = 10
+  config.eval_every = 500
+  config.checkpoint_every = 250
+  config.keep_checkpoints = 2
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.axes = (("data", -1),)  # (name, size); -1 = all remaining devices
+  config.mesh.batch_axes = ("data",)
+  # (regex over parameter paths, PartitionSpec entries); unmatched = replicated.
+  config.mesh.param_rules = ()
+  return config

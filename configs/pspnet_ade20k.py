@@ -1,0 +1,73 @@
+"""PSPNet R50-D8 on ADE20K, 512x512, 80k iterations: mmsegmentation's recipe.
+
+Backbone ResNet-50 v1c (deep stem), output stride 8 (dilations 1,1,2,4), sync
+BatchNorm, pyramid pooling bins (1, 2, 3, 6) to 512 channels with dropout 0.1,
+auxiliary FCN head on stage 3 with loss weight 0.4; SGD lr 0.01, momentum 0.9,
+weight decay 5e-4, poly power 0.9 to 1e-4; batch 16. The data recipe (label 0
+-> ignore, random resize of (2048, 512) by 0.5-2.0, 512x512 crop with
+cat_max_ratio 0.75, flip, photometric distortion, pad) is in the ops below.
+
+Variants: `` (the full recipe; needs ADE20K and the PSPNet model), `160k`, and
+`smoke`: a tiny FCN-8s on the embedded segjax_shapes data with the same
+optimizer recipe, so CI exercises this file without ADE20K.
+"""
+import ml_collections
+
+from configs import default
+
+
+def get_config(variant: str = ""):
+  config = default.get_config()
+  config.model.name = "pspnet"
+  config.model.options.backbone = "resnet50_v1c"
+  config.model.options.output_stride = 8
+  config.model.options.pool_bins = (1, 2, 3, 6)
+  config.model.options.head_channels = 512
+  config.model.options.dropout = 0.1
+  config.model.options.aux_channels = 256
+  config.model.options.aux_loss_weight = 0.4
+
+  config.data.name = "ade20k"
+  config.data.train_ops = (
+      "reduce_zero_label|random_resize(scale=(2048, 512), ratio_range=(0.5, 2.0))|"
+      "random_crop(size=(512, 512), cat_max_ratio=0.75)|random_flip(prob=0.5)|"
+      "photometric_distortion|pad(size=(512, 512))")
+  config.data.eval_ops = "reduce_zero_label|resize(scale=(2048, 512))|pad(size=(2048, 2048))"
+  config.data.batch_size = 16
+  config.data.eval_batch_size = 8
+
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.01
+  config.optimizer.min_learning_rate = 1e-4
+  config.optimizer.schedule = "poly"
+  config.optimizer.poly_power = 0.9
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 5e-4
+  config.total_steps = 80_000
+  config.eval_every = 8_000
+  config.checkpoint_every = 8_000
+  config.log_every = 50
+
+  if variant == "160k":
+    config.total_steps = 160_000
+    config.eval_every = config.checkpoint_every = 16_000
+  elif variant == "smoke":
+    config.model.name = "fcn8s"
+    config.model.options = ml_collections.ConfigDict(
+        {"stage_widths": (4, 8, 8, 16, 16), "convs_per_stage": 1, "head_width": 16})
+    config.data.name = "segjax_shapes"
+    config.data.train_ops = ("random_resize(scale=(128, 128), ratio_range=(0.5, 2.0))|"
+                             "random_crop(size=(128, 128), cat_max_ratio=0.75)|"
+                             "random_flip(prob=0.5)|photometric_distortion")
+    config.data.eval_ops = ""
+    config.data.batch_size = 8
+    config.data.eval_batch_size = 32
+    config.optimizer.warmup_steps = 0
+    config.total_steps = 20
+    config.log_every = 5
+    config.eval_every = config.checkpoint_every = 20
+  elif variant:
+    raise ValueError(f"Unknown variant {variant!r} of pspnet_ade20k; use '', '160k' or "
+                     "'smoke'.")
+  config.lock()
+  return config
