@@ -5,7 +5,8 @@ PyTorch, in one run, on whatever device each framework finds (CPU here).
 
 Both run forward + backward + an SGD-momentum update on a fixed random batch;
 the first steps (compilation, allocator warm-up) are not timed. Prints images/s
-for JAX, PyTorch (NCHW) and PyTorch channels_last, and the ratios.
+for JAX, PyTorch (NCHW) and PyTorch channels_last, and JAX's step time divided
+by each (above 1: JAX is slower).
 """
 import argparse
 import functools
@@ -114,7 +115,7 @@ def main():
              "torch channels_last": bench_torch(args, images, labels, channels_last=True)}
   for name, seconds in results.items():
     print(f"{name:>20}: {seconds * 1e3:8.1f} ms/step  {args.batch / seconds:7.1f} img/s  "
-          f"jax speed / this = {seconds / results['jax']:.2f}x")
+          f"jax step time / this = {results['jax'] / seconds:.2f}")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   restored = checkpointing.restore_latest(manager, state, train_iter, record)
   if restored is not None:
     state = restored
-    logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
+    if jax.process_index() == 0:
+      tqdm.write(f"Resuming from the checkpoint of step {int(state.step)} in {manager.directory}.")
 
   train_fn = jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
