@@ -38,12 +38,9 @@ class FCN8s(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    check_images(images)
     if len(self.stage_widths) != 5:
       raise ValueError("FCN-8s needs exactly 5 stage widths (strides 2..32).")
-    if images.shape[1] % 32 or images.shape[2] % 32:
-      raise ValueError(f"FCN-8s needs height and width divisible by 32, got "
-                       f"{images.shape[1]}x{images.shape[2]}; pad or crop.")
+    check_images(images, "FCN-8s", 32)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = images.astype(self.dtype)
     pools = []

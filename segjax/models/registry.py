@@ -23,11 +23,15 @@ def build_model(name: str, num_classes: int, kwargs: Mapping[str, Any],
              param_dtype=resolve_dtype(param_dtype), **dict(kwargs))
 
 
-def check_images(images) -> None:
-  """Rejects inputs that are not a float batch of RGB images (NHWC)."""
+def check_images(images, model: str, multiple_of: int = 1) -> None:
+  """Rejects inputs that are not a float NHWC batch of RGB images whose height
+  and width are multiples of the model's total stride."""
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"Expected a batch of RGB images shaped (batch, height, width, 3), "
                      f"got shape {tuple(images.shape)}.")
-  if not (images.dtype.kind == "f"):
+  if images.dtype.kind != "f":
     raise ValueError(f"Expected normalized floating-point images, got dtype {images.dtype}; "
                      "add 'normalize' to the preprocessing ops.")
+  if images.shape[1] % multiple_of or images.shape[2] % multiple_of:
+    raise ValueError(f"{model} needs height and width divisible by {multiple_of}, got "
+                     f"{images.shape[1]}x{images.shape[2]}; pad or crop the images.")

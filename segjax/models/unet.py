@@ -38,11 +38,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    check_images(images)
-    stride = 2 ** self.depth
-    if images.shape[1] % stride or images.shape[2] % stride:
-      raise ValueError(f"U-Net of depth {self.depth} needs height and width divisible by "
-                       f"{stride}, got {images.shape[1]}x{images.shape[2]}; pad or crop.")
+    check_images(images, f"U-Net of depth {self.depth}", 2 ** self.depth)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = images.astype(self.dtype)
     skips = []
