@@ -4,7 +4,6 @@ initialised to bilinear interpolation), then upsampled 8x to the input."""
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
