@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict()
   # Per-class weights of the cross-entropy (mmseg's class_weight); () = all 1.
   config.loss.class_weights = ()
+  config.loss.aux_weight = 0.4  # weight of an auxiliary head's loss (PSPNet, DeepLabV3)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "sgd"  # sgd | adamw

@@ -1,13 +1,16 @@
-"""A small FCN-8s (Long et al., 2015): a VGG-style encoder whose class scores
-at strides 32, 16 and 8 are fused by learned 2x upsampling (transposed convs
-initialised to bilinear interpolation), then upsampled 8x to the input."""
+"""FCN (Long et al., 2015): a small FCN-8s whose VGG-style encoder's class
+scores at strides 32, 16 and 8 are fused by learned 2x upsampling (transposed
+convs initialised to bilinear interpolation), and the FCN head on a dilated
+ResNet."""
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.layers import ConvBNAct
+from segjax.backbones import BACKBONES
+from segjax.layers import ConvBNAct, resize_bilinear
+from segjax.models.heads import FCNHead
 from segjax.models.registry import MODELS, check_images
 
 
@@ -62,3 +65,36 @@ class FCN8s(nn.Module):
                                            kernel_init=nn.initializers.zeros, **kw)(pools[2])
     logits = up(score, "up8", 8)
     return logits.astype(jnp.float32)
+
+
+@MODELS.register("fcn_resnet")
+class FCNResNet(nn.Module):
+  """FCN on a dilated ResNet, torchvision's `fcn_resnet50` layout: an FCN head
+  (3x3 conv to `channels`, dropout 0.1, 1x1 classifier) on stage 4, upsampled
+  bilinearly to the input, and an optional auxiliary FCN head on stage 3."""
+  num_classes: int
+  backbone: str = "resnet50"
+  output_stride: int = 8
+  contract_dilation: bool = True
+  backbone_width: int = 64  # ResNet base width; smaller for scaled-down variants
+  channels: int = 512
+  aux_channels: int = 0  # torchvision's aux head uses 256; 0 = none
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    check_images(images, "FCN-ResNet")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    features = BACKBONES.get(self.backbone)(
+        output_stride=self.output_stride, contract_dilation=self.contract_dilation,
+        width=self.backbone_width, name="backbone", **kw)(images.astype(self.dtype), train)
+    x = FCNHead(self.num_classes, self.channels, name="head", **kw)(features["stage4"], train)
+    size = images.shape[1:3]
+    logits = resize_bilinear(x.astype(jnp.float32), size, align_corners=False)
+    if not (train and self.aux_channels):
+      return logits
+    aux = FCNHead(self.num_classes, self.aux_channels, name="aux_head", **kw)(
+        features["stage3"], train)
+    return {"logits": logits,
+            "aux_logits": resize_bilinear(aux.astype(jnp.float32), size, align_corners=False)}

@@ -25,18 +25,27 @@ def resize_logits(logits: jax.Array, size) -> jax.Array:
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               ignore_index: int, class_weights: Optional[Tuple[float, ...]] = None
-               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimizer step on a global batch; returns the new state and scalars."""
+               ignore_index: int, class_weights: Optional[Tuple[float, ...]] = None,
+               aux_weight: float = 0.4) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer step on a global batch; returns the new state and scalars.
+
+  The model returns logits, or in training a dict with `logits` and optionally
+  `aux_logits`, whose loss is added with weight `aux_weight`.
+  """
   labels = batch["label"].astype(jnp.int32)
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
-    logits, updates = model.apply(
+    outputs, updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    logits = resize_logits(logits, labels.shape[1:3])
+    if not isinstance(outputs, dict):
+      outputs = {"logits": outputs}
+    logits = resize_logits(outputs["logits"], labels.shape[1:3])
     loss = pixel_cross_entropy(logits, labels, ignore_index, class_weights)
+    if "aux_logits" in outputs:  # auxiliary head (PSPNet, DeepLabV3): weighted extra loss
+      aux_logits = resize_logits(outputs["aux_logits"], labels.shape[1:3])
+      loss += aux_weight * pixel_cross_entropy(aux_logits, labels, ignore_index, class_weights)
     return loss, (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -107,7 +107,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   train_fn = jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                        ignore_index=dataset.ignore_index, class_weights=class_weights),
+                        ignore_index=dataset.ignore_index, class_weights=class_weights,
+                        aux_weight=config.loss.aux_weight),
       in_shardings=(state_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   eval_fn = jax.jit(

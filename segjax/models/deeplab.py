@@ -1,0 +1,51 @@
+"""DeepLabV3 (Chen et al., 2017) in torchvision's `deeplabv3_resnet50` layout.
+
+A dilated ResNet (output stride 8 or 16), ASPP (1x1, three 3x3 atrous branches
+and image pooling, projected to 256 channels), a 3x3 conv-BN-ReLU and a 1x1
+classifier, upsampled bilinearly to the input. ASPP rates are given at output
+stride 8 (torchvision: 12, 24, 36) and halved at 16 unless set explicitly. An
+optional auxiliary FCN head on stage 3 is used in training.
+"""
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from segjax.backbones import BACKBONES
+from segjax.layers import ASPP, ConvBNAct, resize_bilinear
+from segjax.models.heads import FCNHead
+from segjax.models.registry import MODELS, check_images
+
+
+@MODELS.register("deeplabv3")
+class DeepLabV3(nn.Module):
+  num_classes: int
+  backbone: str = "resnet50"
+  output_stride: int = 8
+  contract_dilation: bool = True
+  backbone_width: int = 64  # ResNet base width; smaller for scaled-down variants
+  aspp_rates: Optional[Sequence[int]] = None  # None: (12, 24, 36) at OS 8, (6, 12, 18) at 16
+  channels: int = 256
+  aux_channels: int = 0  # torchvision's aux head uses 256; 0 = none
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    check_images(images, "DeepLabV3")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    features = BACKBONES.get(self.backbone)(
+        output_stride=self.output_stride, contract_dilation=self.contract_dilation,
+        width=self.backbone_width, name="backbone", **kw)(images.astype(self.dtype), train)
+    rates = self.aspp_rates or tuple(r * 8 // self.output_stride for r in (12, 24, 36))
+    x = ASPP(tuple(rates), self.channels, name="aspp", **kw)(features["stage4"], train)
+    x = ConvBNAct(self.channels, (3, 3), name="head_conv", **kw)(x, train)
+    x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+    size = images.shape[1:3]
+    logits = resize_bilinear(x.astype(jnp.float32), size, align_corners=False)
+    if not (train and self.aux_channels):
+      return logits
+    aux = FCNHead(self.num_classes, self.aux_channels, name="aux_head", **kw)(
+        features["stage3"], train)
+    return {"logits": logits,
+            "aux_logits": resize_bilinear(aux.astype(jnp.float32), size, align_corners=False)}

@@ -1,0 +1,54 @@
+"""PSPNet (Zhao et al., 2017) as in mmsegmentation's pspnet_r50-d8.
+
+A dilated ResNet (output stride 8) feeds the Pyramid Pooling Module (average
+pooling to 1, 2, 3 and 6 bins, a 1x1 conv-BN-ReLU per bin, bilinear upsampling,
+concatenation with the input), a 3x3 bottleneck conv-BN-ReLU, dropout and a 1x1
+classifier; logits are upsampled bilinearly to the input. During training an
+auxiliary FCN head on stage 3 adds a second output (`aux_logits`), weighted by
+`loss.aux_weight` in the loss.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from segjax.backbones import BACKBONES
+from segjax.layers import ConvBNAct, PyramidPoolingModule, resize_bilinear
+from segjax.models.heads import FCNHead
+from segjax.models.registry import MODELS, check_images
+
+
+@MODELS.register("pspnet")
+class PSPNet(nn.Module):
+  num_classes: int
+  backbone: str = "resnet50_v1c"
+  output_stride: int = 8
+  contract_dilation: bool = True
+  backbone_width: int = 64  # ResNet base width; smaller for scaled-down variants
+  pool_bins: Sequence[int] = (1, 2, 3, 6)
+  head_channels: int = 512
+  dropout: float = 0.1
+  aux_channels: int = 256  # 0 = no auxiliary head
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    check_images(images, "PSPNet")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    features = BACKBONES.get(self.backbone)(
+        output_stride=self.output_stride, contract_dilation=self.contract_dilation,
+        width=self.backbone_width, name="backbone", **kw)(images.astype(self.dtype), train)
+    x = PyramidPoolingModule(self.pool_bins, self.head_channels, name="ppm", **kw)(
+        features["stage4"], train)
+    x = ConvBNAct(self.head_channels, (3, 3), name="bottleneck", **kw)(x, train)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+    size = images.shape[1:3]
+    logits = resize_bilinear(x.astype(jnp.float32), size, align_corners=False)
+    if not (train and self.aux_channels):
+      return logits
+    aux = FCNHead(self.num_classes, self.aux_channels, dropout=self.dropout, name="aux_head",
+                  **kw)(features["stage3"], train)
+    return {"logits": logits,
+            "aux_logits": resize_bilinear(aux.astype(jnp.float32), size, align_corners=False)}

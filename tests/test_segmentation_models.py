@@ -1,0 +1,58 @@
+"""PSPNet, DeepLabV3 and FCN-ResNet: output sizes, auxiliary outputs, and
+parameter counts against the reference architectures."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segjax.models import build_model
+
+
+def _param_count(model, shape=(1, 64, 64, 3)):
+  variables = jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                         jnp.zeros(shape), train=True))
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+
+
+SMALL = {
+    "pspnet": {"backbone": "resnet18", "head_channels": 16, "aux_channels": 8},
+    "deeplabv3": {"backbone": "resnet18", "channels": 16, "aux_channels": 8},
+    "fcn_resnet": {"backbone": "resnet18", "channels": 16, "aux_channels": 8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_logits_at_odd_input_size_and_aux_in_training(name):
+  model = build_model(name, 5, SMALL[name])
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 97, 129, 3)), jnp.float32)
+  variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, images,
+                         train=True)
+  logits = model.apply(variables, images, train=False)
+  assert logits.shape == (2, 97, 129, 5)
+  outputs, _ = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.key(2)})
+  assert set(outputs) == {"logits", "aux_logits"}
+  assert outputs["aux_logits"].shape == (2, 97, 129, 5)
+
+
+def test_pspnet_r50_d8_parameter_count():
+  """mmseg pspnet_r50-d8 with 150 classes, counted from its architecture:
+  ResNet-50-v1c 23,527,264 (torchvision's 23,508,032 with the 7x7 stem conv and
+  its BN, 9,536, replaced by 3x3 convs 3->32->32->64 and their BNs, 28,768);
+  PPM 4 x (2048*512 + 1,024 BN) = 4,198,400; bottleneck 3x3 4096->512 + BN
+  18,875,392; classifier 512*150 + 150 = 76,950; aux FCN head 3x3 1024->256 + BN
+  2,359,808 and classifier 256*150 + 150 = 38,550. Total 49,076,364."""
+  model = build_model("pspnet", 150, {})
+  assert _param_count(model) == 49_076_364
+
+
+@pytest.mark.parametrize("name, reference", [("deeplabv3", "deeplabv3_resnet50"),
+                                             ("fcn_resnet", "fcn_resnet50")])
+def test_parameter_counts_equal_torchvision(name, reference):
+  from tests.torch_reference import import_torchvision
+  torchvision = import_torchvision()
+  ref = getattr(torchvision.models.segmentation, reference)(
+      weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+  expected = sum(p.numel() for p in ref.parameters())
+  assert _param_count(build_model(name, 21, {"aux_channels": 256})) == expected
