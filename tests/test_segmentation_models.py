@@ -56,3 +56,23 @@ def test_parameter_counts_equal_torchvision(name, reference):
       weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
   expected = sum(p.numel() for p in ref.parameters())
   assert _param_count(build_model(name, 21, {"aux_channels": 256})) == expected
+
+
+def test_pspnet_smoke_config_trains_on_eight_devices(tmp_path):
+  import json
+  from configs import pspnet_ade20k
+  from segjax.training import trainer
+  config = pspnet_ade20k.get_config("smoke")
+  assert config.model.name == "pspnet"
+  config.unlock()
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.eval_split = "validation[:32]"
+  config.lock()
+  assert jax.device_count() == 8
+  result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  kernel = result["state"].params["backbone"]["stage1_block0"]["conv1"]["kernel"]
+  assert len(kernel.sharding.device_set) == 8
+  assert "aux_head" in result["state"].params
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  losses = [r["train/loss"] for r in records if "train/loss" in r]
+  assert np.mean(losses[-3:]) < 0.95 * np.mean(losses[:3]), losses

@@ -124,7 +124,7 @@ def test_cli_refuses_workdir_of_another_model(data_dir, tmp_path):
                       f"--config.data.data_dir={data_dir}")
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert ("checkpoints" in result.stderr and "'unet'" in result.stderr
-          and "'fcn8s'" in result.stderr and "new --workdir" in result.stderr)
+          and "'pspnet'" in result.stderr and "new --workdir" in result.stderr)
 
 
 def test_out_of_range_label_is_reported(data_dir):

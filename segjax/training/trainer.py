@@ -32,10 +32,14 @@ from segjax.training.train_state import TrainState
 
 def create_train_state(model, tx, rng: jax.Array, input_shape: Tuple[int, ...], mesh,
                        param_rules) -> Tuple[TrainState, Any]:
-  """Initialises the state directly into its shardings; returns (state, shardings)."""
+  """Initialises the state directly into its shardings; returns (state, shardings).
+
+  Initialised in training mode so that train-only parts (auxiliary heads) get
+  their parameters too.
+  """
   def init(rng):
     variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape, jnp.float32),
-                           train=False)
+                           train=True)
     return TrainState.create(variables["params"], variables.get("batch_stats", {}), tx)
 
   abstract = jax.eval_shape(init, rng)
