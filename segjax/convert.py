@@ -1,7 +1,10 @@
-"""PyTorch ResNet weights -> segjax variables, and variables <-> .npz files.
+"""PyTorch weights -> segjax variables, and variables <-> .npz files.
 
-Reads torchvision ResNet state dicts and mmseg ResNetV1c ones (deep stem). The
-mapping, torch key -> segjax variable path (conv weights OIHW -> HWIO):
+Reads torchvision ResNet state dicts, mmseg ResNetV1c ones (deep stem), and
+torchvision's deeplabv3_resnet* / fcn_resnet* segmentation models (backbone.*
+as below; classifier.* and aux_classifier.* onto the ASPP / FCN heads, see
+`_HEAD_MODULES`). The ResNet mapping, torch key -> segjax variable path (conv
+weights OIHW -> HWIO):
 
   conv1.weight                      -> params/stem_conv1/kernel        (torchvision stem)
   bn1.{weight,bias}                 -> params/stem_bn1/{scale,bias}
@@ -60,25 +63,25 @@ def _ignored(key: str) -> bool:
   return key.endswith(".num_batches_tracked") or key.startswith("fc.")
 
 
-def torch_resnet_to_flax(state_dict: Mapping[str, Any], depth: int,
-                         stem: str = "torchvision") -> Dict[str, Any]:
-  """Converts a torchvision / mmseg ResNet state dict into {'params', 'batch_stats'}
-  for `ResNet(depth=depth, stem=stem)`; raises naming any missing or unknown key."""
-  model = ResNet(depth=depth, stem=stem)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+def _convert(state_dict: Mapping[str, Any], model, torch_module, ignored, what: str
+             ) -> Dict[str, Any]:
+  """Fills `model`'s variables from `state_dict`; `torch_module` maps a flax module
+  path to the torch module name. Missing, unknown or misshapen keys are errors."""
+  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0),
+                                              "dropout": jax.random.key(0)},
+                                             jnp.zeros((1, 32, 32, 3)), train=True))
   expected = traverse_util.flatten_dict(shapes)
   sources = {}
   for path in expected:
     collection, *modules, leaf = path
-    prefix = _torch_module("/".join(modules), stem)
     attr = "weight" if leaf == "kernel" else _BN_LEAVES[(collection, leaf)]
-    sources[path] = f"{prefix}.{attr}"
+    sources[path] = f"{torch_module('/'.join(modules))}.{attr}"
 
   missing = sorted(set(sources.values()) - set(state_dict))
-  unknown = sorted(k for k in set(state_dict) - set(sources.values()) if not _ignored(k))
+  unknown = sorted(k for k in set(state_dict) - set(sources.values()) if not ignored(k))
   if missing or unknown:
-    raise ValueError(f"State dict does not fit ResNet-{depth} ({stem} stem): missing keys "
-                     f"{missing or 'none'}; unknown keys {unknown or 'none'}.")
+    raise ValueError(f"State dict does not fit {what}: missing keys {missing or 'none'}; "
+                     f"unknown keys {unknown or 'none'}.")
   flat = {}
   for path, key in sources.items():
     value = np.asarray(state_dict[key], dtype=np.float32)
@@ -89,6 +92,58 @@ def torch_resnet_to_flax(state_dict: Mapping[str, Any], depth: int,
                        f"{'/'.join(path)} needs {expected[path].shape}.")
     flat[path] = value
   return traverse_util.unflatten_dict(flat)
+
+
+def torch_resnet_to_flax(state_dict: Mapping[str, Any], depth: int,
+                         stem: str = "torchvision") -> Dict[str, Any]:
+  """Converts a torchvision / mmseg ResNet state dict into {'params', 'batch_stats'}
+  for `ResNet(depth=depth, stem=stem)`; raises naming any missing or unknown key."""
+  return _convert(state_dict, ResNet(depth=depth, stem=stem),
+                  lambda module: _torch_module(module, stem), _ignored,
+                  f"ResNet-{depth} ({stem} stem)")
+
+
+# torchvision segmentation heads: segjax module path -> torch module name.
+_HEAD_MODULES = {
+    "deeplabv3": [(r"aspp/branch(\d)/(conv|bn)", lambda m: f"classifier.0.convs.{m[1]}.{_cb(m[2])}"),
+                  (r"aspp/pool_branch/(conv|bn)",
+                   lambda m: f"classifier.0.convs.4.{1 + (m[1] == 'bn')}"),
+                  (r"aspp/project/(conv|bn)", lambda m: f"classifier.0.project.{_cb(m[1])}"),
+                  (r"head_conv/(conv|bn)", lambda m: f"classifier.{1 + (m[1] == 'bn')}"),
+                  (r"classifier", lambda m: "classifier.4")],
+    "fcn_resnet": [(r"head/conv0/(conv|bn)", lambda m: f"classifier.{_cb(m[1])}"),
+                   (r"head/classifier", lambda m: "classifier.4")],
+}
+_AUX_MODULES = [(r"aux_head/conv0/(conv|bn)", lambda m: f"aux_classifier.{_cb(m[1])}"),
+                (r"aux_head/classifier", lambda m: "aux_classifier.4")]
+
+
+def _cb(kind: str) -> int:
+  """Index of a conv (0) or its BatchNorm (1) in a torch Sequential."""
+  return int(kind == "bn")
+
+
+def torch_segmentation_to_flax(state_dict: Mapping[str, Any], model) -> Dict[str, Any]:
+  """Converts torchvision's `deeplabv3_resnet*` / `fcn_resnet*` state dicts for the
+  segjax `DeepLabV3` / `FCNResNet` module `model` (with `aux_channels=256` when the
+  state dict has `aux_classifier.*`)."""
+  kind = {"DeepLabV3": "deeplabv3", "FCNResNet": "fcn_resnet"}.get(type(model).__name__)
+  if kind is None:
+    raise ValueError(f"No torchvision layout for {type(model).__name__}; use DeepLabV3 or "
+                     "FCNResNet.")
+  rules = _HEAD_MODULES[kind] + _AUX_MODULES
+
+  def torch_module(module: str) -> str:
+    if module.startswith("backbone/"):
+      return "backbone." + _torch_module(module[len("backbone/"):], "torchvision")
+    for pattern, name in rules:
+      m = re.fullmatch(pattern, module)
+      if m:
+        return name(m)
+    raise ValueError(f"No PyTorch name for segjax module {module!r}.")
+
+  return _convert(state_dict, model, torch_module,
+                  lambda k: k.endswith(".num_batches_tracked"), f"torchvision {kind}")
 
 
 def save_variables(variables: Mapping[str, Any], path: str) -> None:

@@ -76,3 +76,31 @@ def test_pspnet_smoke_config_trains_on_eight_devices(tmp_path):
   records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   losses = [r["train/loss"] for r in records if "train/loss" in r]
   assert np.mean(losses[-3:]) < 0.95 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize("name, reference", [("deeplabv3", "deeplabv3_resnet50"),
+                                             ("fcn_resnet", "fcn_resnet50")])
+def test_outputs_equal_torchvision_with_converted_weights(name, reference):
+  import torch
+  from segjax.convert import torch_segmentation_to_flax
+  from tests.torch_reference import import_torchvision
+  torchvision = import_torchvision()
+  torch.manual_seed(0)
+  ref = getattr(torchvision.models.segmentation, reference)(
+      weights=None, weights_backbone=None, num_classes=21, aux_loss=True).eval()
+  with torch.no_grad():  # BatchNorm that is not the identity
+    for module in ref.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.2, 0.2)
+        module.running_mean.uniform_(-0.2, 0.2)
+        module.running_var.uniform_(0.5, 1.5)
+  image = np.random.default_rng(0).normal(size=(1, 65, 67, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(image).permute(0, 3, 1, 2))["out"].permute(0, 2, 3, 1).numpy()
+  model = build_model(name, 21, {"aux_channels": 256})
+  variables = torch_segmentation_to_flax(
+      {k: v.numpy() for k, v in ref.state_dict().items()}, model)
+  ours = np.asarray(model.apply(variables, jnp.asarray(image), train=False))
+  assert ours.shape == expected.shape == (1, 65, 67, 21)
+  assert np.max(np.abs(ours - expected)) / np.max(np.abs(expected)) <= 1e-4
