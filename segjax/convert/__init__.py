@@ -1,0 +1,43 @@
+"""PyTorch weights -> segjax variables, and the command line for it:
+
+  python -m segjax.convert --arch resnet50 --input resnet50.pth --output resnet50.npz
+
+Reads .pth/.pt (with torch installed), .safetensors or .npz; writes an .npz of
+'/'-joined variable paths that `load_variables` reads back. Each converter
+module registers its architectures in `CONVERTERS`.
+"""
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import jax
+
+from segjax.convert.common import (CONVERTERS, convert_state_dict, load_variables,
+                                   read_state_dict, save_variables)
+from segjax.convert.resnet import torch_resnet_to_flax, torch_segmentation_to_flax
+
+__all__ = ["CONVERTERS", "convert_state_dict", "load_variables", "main", "read_state_dict",
+           "save_variables", "torch_resnet_to_flax", "torch_segmentation_to_flax"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m segjax.convert", description=__doc__,
+                                   
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--arch", required=True, choices=CONVERTERS.names())
+  parser.add_argument("--input", required=True, help=".pth/.pt, .safetensors or .npz")
+  parser.add_argument("--output", required=True, help="the .npz to write")
+  parser.add_argument("--prefix", default="",
+                      help="take only keys under this prefix and strip it, e.g. 'backbone.' "
+                           "for a whole mmseg segmentor checkpoint")
+  args = parser.parse_args(argv)
+  try:
+    state = read_state_dict(args.input)
+    if args.prefix:
+      state = {k[len(args.prefix):]: v for k, v in state.items() if k.startswith(args.prefix)}
+    variables = CONVERTERS.get(args.arch)(state)
+    save_variables(variables, args.output)
+  except (OSError, ImportError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  count = sum(v.size for v in jax.tree.leaves(variables["params"]))
+  print(f"Wrote {args.arch} ({count:,} parameters) to {args.output}.")

@@ -1,0 +1,98 @@
+"""The machinery every PyTorch -> segjax weight converter shares, and the
+variables <-> .npz file format.
+
+A converter maps each segjax module path to the PyTorch module that holds its
+weights; `convert_state_dict` then fills every variable (conv weights OIHW ->
+HWIO, BatchNorm weight/bias/running stats -> scale/bias/batch_stats) and
+refuses a state dict with missing, unknown or misshapen keys.
+"""
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from segjax.registry import Registry
+
+# Architecture name -> fn(state_dict) -> variables, for `python -m segjax.convert`.
+CONVERTERS: Registry = Registry("convertible architecture")
+
+# (collection, flax leaf) -> torch BatchNorm attribute.
+_BN_LEAVES = {("params", "scale"): "weight", ("params", "bias"): "bias",
+              ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], model,
+                       torch_module: Callable[[str], str], ignored: Callable[[str], bool],
+                       what: str) -> Dict[str, Any]:
+  """Fills `model`'s variables from `state_dict`; `torch_module` maps a flax module
+  path to the torch module name. Missing, unknown or misshapen keys are errors."""
+  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0),
+                                              "dropout": jax.random.key(0)},
+                                             jnp.zeros((1, 32, 32, 3)), train=True))
+  expected = traverse_util.flatten_dict(shapes)
+  sources = {}
+  for path in expected:
+    collection, *modules, leaf = path
+    attr = "weight" if leaf == "kernel" else _BN_LEAVES[(collection, leaf)]
+    sources[path] = f"{torch_module('/'.join(modules))}.{attr}"
+
+  missing = sorted(set(sources.values()) - set(state_dict))
+  unknown = sorted(k for k in set(state_dict) - set(sources.values()) if not ignored(k))
+  if missing or unknown:
+    raise ValueError(f"State dict does not fit {what}: missing keys {missing or 'none'}; "
+                     f"unknown keys {unknown or 'none'}.")
+  flat = {}
+  for path, key in sources.items():
+    value = np.asarray(state_dict[key], dtype=np.float32)
+    if path[-1] == "kernel":
+      value = value.transpose(2, 3, 1, 0)
+    if value.shape != expected[path].shape:
+      raise ValueError(f"{key} has shape {value.shape} (after OIHW -> HWIO); "
+                       f"{'/'.join(path)} needs {expected[path].shape}.")
+    flat[path] = value
+  return traverse_util.unflatten_dict(flat)
+
+
+def save_variables(variables: Mapping[str, Any], path: str) -> None:
+  """Writes nested variables as an .npz of '/'-joined paths."""
+  flat = traverse_util.flatten_dict(dict(variables), sep="/")
+  with open(path, "wb") as f:
+    np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
+
+
+def load_variables(path: str) -> Dict[str, Any]:
+  """Reads an .npz written by `save_variables` back into nested variables."""
+  with np.load(path) as data:
+    return traverse_util.unflatten_dict({k: data[k] for k in data.files}, sep="/")
+
+
+def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """Reads a flat name -> array dict from .npz, .safetensors or a torch checkpoint.
+
+  A checkpoint that wraps its weights (mmcv's {'state_dict': ...}, {'model': ...})
+  is unwrapped.
+  """
+  suffix = Path(path).suffix
+  if suffix == ".npz":
+    with np.load(path) as data:
+      return {k: data[k] for k in data.files}
+  if suffix == ".safetensors":
+    try:
+      from safetensors.numpy import load_file
+    except ImportError as e:
+      raise ImportError("Reading .safetensors needs the 'safetensors' package.") from e
+    return load_file(path)
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"Reading {path} needs PyTorch; or convert it to .npz or "
+                      ".safetensors first.") from e
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  for key in ("state_dict", "model"):
+    if isinstance(obj.get(key), Mapping):
+      obj = obj[key]
+      break
+  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
