@@ -17,6 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.options = ml_collections.ConfigDict()  # constructor arguments of the model
   config.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   config.model.param_dtype = "float32"
+  # An .npz of encoder weights from `python -m segjax.convert` (e.g. ImageNet ResNet-50).
+  config.model.init_from = ""
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "segjax_shapes"

@@ -104,3 +104,34 @@ def test_outputs_equal_torchvision_with_converted_weights(name, reference):
   ours = np.asarray(model.apply(variables, jnp.asarray(image), train=False))
   assert ours.shape == expected.shape == (1, 65, 67, 21)
   assert np.max(np.abs(ours - expected)) / np.max(np.abs(expected)) <= 1e-4
+
+
+def test_init_from_loads_converted_encoder_weights(tmp_path):
+  import optax
+  from segjax.convert import save_variables, torch_resnet_to_flax
+  from segjax.training import sharding
+  from segjax.training.trainer import create_train_state
+  from tests.torch_reference import import_torchvision
+  torchvision = import_torchvision()
+  state_dict = {k: v.numpy() for k, v in torchvision.models.resnet18(weights=None)
+                .state_dict().items()}
+  path = str(tmp_path / "resnet18.npz")
+  save_variables(torch_resnet_to_flax(state_dict, 18), path)
+  mesh = sharding.create_mesh((("data", -1),))
+  model = build_model("pspnet", 5, {"backbone": "resnet18", "head_channels": 8,
+                                    "aux_channels": 4})
+  state, _ = create_train_state(model, optax.sgd(0.1), jax.random.key(0), (1, 64, 64, 3), mesh,
+                                (), init_from=path)
+  np.testing.assert_array_equal(
+      np.asarray(state.params["backbone"]["stage2_block0"]["conv1"]["kernel"]),
+      state_dict["layer2.0.conv1.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      np.asarray(state.batch_stats["backbone"]["stem_bn1"]["var"]), state_dict["bn1.running_var"])
+  small = build_model("pspnet", 5, {"backbone": "resnet18", "backbone_width": 8,
+                                    "head_channels": 8, "aux_channels": 4})
+  with pytest.raises(ValueError, match="does not fit this model's encoder"):
+    create_train_state(small, optax.sgd(0.1), jax.random.key(0), (1, 64, 64, 3), mesh, (),
+                       init_from=path)
+  with pytest.raises(ValueError, match="does not exist"):
+    create_train_state(small, optax.sgd(0.1), jax.random.key(0), (1, 64, 64, 3), mesh, (),
+                       init_from=str(tmp_path / "nope.npz"))

@@ -31,7 +31,7 @@ from segjax.training.train_state import TrainState
 
 
 def create_train_state(model, tx, rng: jax.Array, input_shape: Tuple[int, ...], mesh,
-                       param_rules) -> Tuple[TrainState, Any]:
+                       param_rules, init_from: str = "") -> Tuple[TrainState, Any]:
   """Initialises the state directly into its shardings; returns (state, shardings).
 
   Initialised in training mode so that train-only parts (auxiliary heads) get
@@ -45,7 +45,37 @@ def create_train_state(model, tx, rng: jax.Array, input_shape: Tuple[int, ...], 
   abstract = jax.eval_shape(init, rng)
   state_shardings = sharding.tree_shardings(abstract, mesh, param_rules)
   state = jax.jit(init, out_shardings=state_shardings)(rng)
+  if init_from:
+    state = load_pretrained(state, tx, init_from, state_shardings)
   return state, state_shardings
+
+
+def load_pretrained(state: TrainState, tx, path: str, state_shardings) -> TrainState:
+  """Replaces the encoder (`backbone`) variables with those of a converted
+  checkpoint (`python -m segjax.convert`), e.g. ImageNet-trained weights."""
+  from segjax.convert import load_variables
+  if not os.path.exists(path):
+    raise ValueError(f"model.init_from file {path} does not exist; convert PyTorch weights "
+                     "with `python -m segjax.convert`.")
+  pretrained = load_variables(path)
+  params, batch_stats = dict(state.params), dict(state.batch_stats)
+  if "backbone" not in params:
+    raise ValueError("model.init_from loads encoder weights, but this model has no "
+                     "'backbone' module.")
+  for name, ours, theirs in (("params", params["backbone"], pretrained.get("params", {})),
+                             ("batch_stats", batch_stats.get("backbone", {}),
+                              pretrained.get("batch_stats", {}))):
+    want = jax.tree.map(lambda x: x.shape, ours)
+    got = jax.tree.map(lambda x: x.shape, theirs)
+    if want != got:
+      raise ValueError(f"{path} does not fit this model's encoder: its {name} have other "
+                       "names or shapes (check the --arch it was converted with and the "
+                       "model's backbone and width).")
+  params["backbone"] = pretrained["params"]
+  if "backbone" in batch_stats:
+    batch_stats["backbone"] = pretrained["batch_stats"]
+  fresh = TrainState.create(params, batch_stats, tx)
+  return jax.device_put(jax.tree.map(jnp.asarray, fresh), state_shardings)
 
 
 def data_ops(config: ml_collections.ConfigDict, ops: str, dataset: DatasetSpec) -> str:
@@ -97,7 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   example = pipeline.example_shapes(train_source, train_ops)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state, state_shardings = create_train_state(
-      model, tx, init_rng, (1,) + example["image"], mesh, config.mesh.param_rules)
+      model, tx, init_rng, (1,) + example["image"], mesh, config.mesh.param_rules,
+      config.model.init_from)
   train_iter = pipeline.train_iterator(train_source, train_ops, config.data.batch_size,
                                        config.seed, config.data.num_threads)
 
