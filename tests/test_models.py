@@ -7,7 +7,7 @@ import pytest
 from segjax.models import MODELS, build_model
 
 TINY = {"unet": {"width": 4, "depth": 3},
-        "fcn8s": {"stage_widths": (4, 4, 8, 8, 8), "convs_per_stage": 1, "head_width": 8}}
+        "fcn8s": {"backbone": "vgg16_bn", "width": 4, "fc_width": 16, "pad_first": 0}}
 
 
 def _init(model, shape):

@@ -15,6 +15,8 @@ import jax
 from segjax.convert.common import (CONVERTERS, convert_state_dict, load_variables,
                                    read_state_dict, save_variables)
 from segjax.convert.resnet import torch_resnet_to_flax, torch_segmentation_to_flax
+import segjax.convert.mobilenet_v2  # noqa: F401
+import segjax.convert.vgg  # noqa: F401
 
 __all__ = ["CONVERTERS", "convert_state_dict", "load_variables", "main", "read_state_dict",
            "save_variables", "torch_resnet_to_flax", "torch_segmentation_to_flax"]
