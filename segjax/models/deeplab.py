@@ -5,6 +5,8 @@ and image pooling, projected to 256 channels), a 3x3 conv-BN-ReLU and a 1x1
 classifier, upsampled bilinearly to the input. ASPP rates are given at output
 stride 8 (torchvision: 12, 24, 36) and halved at 16 unless set explicitly. An
 optional auxiliary FCN head on stage 3 is used in training.
+
+DeepLabV3+ (Chen et al., 2018), `DeepLabV3Plus`, adds a decoder at stride 4.
 """
 from typing import Any, Optional, Sequence
 
@@ -12,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.backbones import BACKBONES
-from segjax.layers import ASPP, ConvBNAct, resize_bilinear
+from segjax.layers import ASPP, ConvBNAct, SeparableConvBNAct, resize_bilinear
 from segjax.models.heads import FCNHead
 from segjax.models.registry import MODELS, check_images
 
@@ -40,6 +42,58 @@ class DeepLabV3(nn.Module):
     rates = self.aspp_rates or tuple(r * 8 // self.output_stride for r in (12, 24, 36))
     x = ASPP(tuple(rates), self.channels, name="aspp", **kw)(features["stage4"], train)
     x = ConvBNAct(self.channels, (3, 3), name="head_conv", **kw)(x, train)
+    x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+    size = images.shape[1:3]
+    logits = resize_bilinear(x.astype(jnp.float32), size, align_corners=False)
+    if not (train and self.aux_channels):
+      return logits
+    aux = FCNHead(self.num_classes, self.aux_channels, name="aux_head", **kw)(
+        features["stage3"], train)
+    return {"logits": logits,
+            "aux_logits": resize_bilinear(aux.astype(jnp.float32), size, align_corners=False)}
+
+
+@MODELS.register("deeplabv3plus")
+class DeepLabV3Plus(nn.Module):
+  """DeepLabV3+: ASPP on the last backbone features, and a decoder that joins
+  them with the stride-4 features to sharpen object boundaries.
+
+  ASPP (torchvision's layout, 256 channels) runs on "stage4"; rates (6, 12, 18)
+  at output stride 16, scaled by 16 / output_stride otherwise. Its dropout is
+  0.1, as after the ASPP projection of the paper's TensorFlow implementation
+  (mmseg puts its 0.1 before the classifier instead). The decoder projects
+  "stage1" by a 1x1 conv-BN-ReLU to `low_level_channels` (48), concatenates the
+  ASPP output upsampled to that size, applies two 3x3 depthwise-separable
+  conv-BN-ReLUs (`channels`) and a 1x1 classifier, upsampled to the input.
+  Resizing is bilinear with align_corners=False throughout (mmseg, PyTorch).
+  """
+  num_classes: int
+  backbone: str = "resnet50"
+  output_stride: int = 16
+  backbone_width: int = 64  # base width (64 = full); MobileNetV2 uses width_mult = width / 64
+  aspp_rates: Optional[Sequence[int]] = None  # None: (6, 12, 18) at OS 16, (12, 24, 36) at 8
+  channels: int = 256
+  low_level_channels: int = 48
+  aux_channels: int = 0  # FCN aux head on stage 3 in training; 0 = none
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    check_images(images, "DeepLabV3+")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    features = BACKBONES.get(self.backbone)(
+        output_stride=self.output_stride, width=self.backbone_width, name="backbone",
+        **kw)(images.astype(self.dtype), train)
+    rates = self.aspp_rates or tuple(r * 16 // self.output_stride for r in (6, 12, 18))
+    x = ASPP(tuple(rates), self.channels, dropout_rate=0.1, name="aspp", **kw)(
+        features["stage4"], train)
+    low = ConvBNAct(self.low_level_channels, (1, 1), name="low_level_project", **kw)(
+        features["stage1"], train)
+    x = resize_bilinear(x, low.shape[1:3], align_corners=False)
+    x = jnp.concatenate([x, low], axis=-1)
+    for i in range(2):
+      x = SeparableConvBNAct(self.channels, name=f"decoder_conv{i}", **kw)(x, train)
     x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
     size = images.shape[1:3]
     logits = resize_bilinear(x.astype(jnp.float32), size, align_corners=False)
