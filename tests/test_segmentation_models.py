@@ -58,12 +58,14 @@ def test_parameter_counts_equal_torchvision(name, reference):
   assert _param_count(build_model(name, 21, {"aux_channels": 256})) == expected
 
 
-def test_pspnet_smoke_config_trains_on_eight_devices(tmp_path):
+@pytest.mark.parametrize("config_name, model_name", [("pspnet_ade20k", "pspnet"),
+                                                     ("deeplabv3_ade20k", "deeplabv3")])
+def test_smoke_config_trains_on_eight_devices(tmp_path, config_name, model_name):
+  import importlib
   import json
-  from configs import pspnet_ade20k
   from segjax.training import trainer
-  config = pspnet_ade20k.get_config("smoke")
-  assert config.model.name == "pspnet"
+  config = importlib.import_module(f"configs.{config_name}").get_config("smoke")
+  assert config.model.name == model_name
   config.unlock()
   config.data.data_dir = str(tmp_path / "tfds")
   config.data.eval_split = "validation[:32]"

@@ -103,7 +103,7 @@ def test_cli_smoke_trains_and_loss_falls(data_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/unet_shapes.py:smoke", "--config.data.nmae=x"], "nmae"),
     (["--config", "configs/unet_shapes.py:smoke", "--config.model.name=segformer"],
-     "Unknown model 'segformer'; known models: fcn8s, unet."),
+     "Unknown model 'segformer'; known models: deeplabv3, "),
     (["--config", "configs/unet_shapes.py:smoke", "--config.data.name=voc"],
      "Unknown dataset 'voc'"),
     (["--config", "configs/unet_shapes.py:tiny"], "Unknown variant 'tiny'"),
