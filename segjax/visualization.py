@@ -23,6 +23,10 @@ def panel(images, labels, predictions, palette, ignore_index: int, mean, std,
   """Rows of image | ground truth | prediction, separated by white lines."""
   rows = []
   for image, label, pred in list(zip(images, labels, predictions))[:max_rows]:
+    # Models that predict only the central region (unet_valid): centre the prediction.
+    dy, dx = label.shape[0] - pred.shape[0], label.shape[1] - pred.shape[1]
+    pred = np.pad(pred, ((dy // 2, dy - dy // 2), (dx // 2, dx - dx // 2)),
+                  constant_values=ignore_index)
     row = [denormalize(image, mean, std), colorize(label, palette, ignore_index),
            colorize(pred, palette, ignore_index)]
     sep = np.full((row[0].shape[0], 2, 3), 255, np.uint8)

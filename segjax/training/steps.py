@@ -11,16 +11,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from segjax.layers import resize_bilinear
 from segjax.losses import pixel_cross_entropy
 from segjax.metrics import confusion_matrix
 from segjax.training.train_state import TrainState
 
 
-def resize_logits(logits: jax.Array, size) -> jax.Array:
-  """Bilinear (half-pixel, like align_corners=False) resize of NHWC logits."""
+def align(logits: jax.Array, labels: jax.Array, model: nn.Module) -> Tuple[jax.Array, jax.Array]:
+  """Logits and labels of the same size: a model whose output covers only the
+  central region (unpadded convolutions, e.g. `unet_valid`) gets its labels
+  center-cropped; other logits are resized bilinearly to the labels."""
+  size = labels.shape[1:3]
   if tuple(logits.shape[1:3]) == tuple(size):
-    return logits
-  return jax.image.resize(logits, (logits.shape[0], *size, logits.shape[-1]), "bilinear")
+    return logits, labels
+  if getattr(model, "output_is_center_crop", False):
+    top, left = (size[0] - logits.shape[1]) // 2, (size[1] - logits.shape[2]) // 2
+    return logits, labels[:, top:top + logits.shape[1], left:left + logits.shape[2]]
+  return resize_bilinear(logits, size, align_corners=False), labels
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
@@ -41,14 +48,16 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
         mutable=["batch_stats"], rngs={"dropout": dropout_rng})
     if not isinstance(outputs, dict):
       outputs = {"logits": outputs}
-    logits = resize_logits(outputs["logits"], labels.shape[1:3])
-    loss = pixel_cross_entropy(logits, labels, ignore_index, class_weights)
+    logits, targets = align(outputs["logits"], labels, model)
+    loss = pixel_cross_entropy(logits, targets, ignore_index, class_weights)
     if "aux_logits" in outputs:  # auxiliary head (PSPNet, DeepLabV3): weighted extra loss
-      aux_logits = resize_logits(outputs["aux_logits"], labels.shape[1:3])
-      loss += aux_weight * pixel_cross_entropy(aux_logits, labels, ignore_index, class_weights)
-    return loss, (logits, updates)
+      aux_logits, aux_targets = align(outputs["aux_logits"], labels, model)
+      loss += aux_weight * pixel_cross_entropy(aux_logits, aux_targets, ignore_index,
+                                               class_weights)
+    return loss, (logits, targets, updates)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, labels, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1,
                             params=optax.apply_updates(state.params, param_updates),
@@ -70,7 +79,7 @@ def predict(state: TrainState, images: jax.Array, *, model: nn.Module) -> jax.Ar
 def eval_step(state: TrainState, batch: Dict[str, jax.Array], confusion: jax.Array, *,
               model: nn.Module, num_classes: int, ignore_index: int) -> Tuple[jax.Array, Any]:
   """Adds the batch to the running confusion matrix; also returns predictions."""
-  labels = batch["label"].astype(jnp.int32)
-  logits = resize_logits(predict(state, batch["image"], model=model), labels.shape[1:3])
+  logits, labels = align(predict(state, batch["image"], model=model),
+                         batch["label"].astype(jnp.int32), model)
   predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return confusion + confusion_matrix(predictions, labels, num_classes, ignore_index), predictions
