@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from segjax.backbones import BACKBONES
 from segjax.layers import ASPP, ConvBNAct, SeparableConvBNAct, resize_bilinear
-from segjax.models.heads import FCNHead
+from segjax.models.heads import outputs_at_input_size
 from segjax.models.registry import MODELS, check_images
 
 
@@ -43,14 +43,8 @@ class DeepLabV3(nn.Module):
     x = ASPP(tuple(rates), self.channels, name="aspp", **kw)(features["stage4"], train)
     x = ConvBNAct(self.channels, (3, 3), name="head_conv", **kw)(x, train)
     x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
-    size = images.shape[1:3]
-    logits = resize_bilinear(x.astype(jnp.float32), size, align_corners=False)
-    if not (train and self.aux_channels):
-      return logits
-    aux = FCNHead(self.num_classes, self.aux_channels, name="aux_head", **kw)(
-        features["stage3"], train)
-    return {"logits": logits,
-            "aux_logits": resize_bilinear(aux.astype(jnp.float32), size, align_corners=False)}
+    return outputs_at_input_size(x, images, features, train, self.num_classes,
+                                 self.aux_channels, **kw)
 
 
 @MODELS.register("deeplabv3plus")
@@ -95,11 +89,5 @@ class DeepLabV3Plus(nn.Module):
     for i in range(2):
       x = SeparableConvBNAct(self.channels, name=f"decoder_conv{i}", **kw)(x, train)
     x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
-    size = images.shape[1:3]
-    logits = resize_bilinear(x.astype(jnp.float32), size, align_corners=False)
-    if not (train and self.aux_channels):
-      return logits
-    aux = FCNHead(self.num_classes, self.aux_channels, name="aux_head", **kw)(
-        features["stage3"], train)
-    return {"logits": logits,
-            "aux_logits": resize_bilinear(aux.astype(jnp.float32), size, align_corners=False)}
+    return outputs_at_input_size(x, images, features, train, self.num_classes,
+                                 self.aux_channels, **kw)

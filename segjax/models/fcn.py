@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax.backbones import BACKBONES
-from segjax.layers import resize_bilinear
-from segjax.models.heads import FCNHead
+from segjax.models.heads import FCNHead, outputs_at_input_size
 from segjax.models.registry import MODELS, check_images
 
 PAPER_PAD = 100
@@ -175,11 +174,5 @@ class FCNResNet(nn.Module):
         output_stride=self.output_stride, contract_dilation=self.contract_dilation,
         width=self.backbone_width, name="backbone", **kw)(images.astype(self.dtype), train)
     x = FCNHead(self.num_classes, self.channels, name="head", **kw)(features["stage4"], train)
-    size = images.shape[1:3]
-    logits = resize_bilinear(x.astype(jnp.float32), size, align_corners=False)
-    if not (train and self.aux_channels):
-      return logits
-    aux = FCNHead(self.num_classes, self.aux_channels, name="aux_head", **kw)(
-        features["stage3"], train)
-    return {"logits": logits,
-            "aux_logits": resize_bilinear(aux.astype(jnp.float32), size, align_corners=False)}
+    return outputs_at_input_size(x, images, features, train, self.num_classes,
+                                 self.aux_channels, **kw)

@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.backbones import BACKBONES
-from segjax.layers import ConvBNAct, PyramidPoolingModule, resize_bilinear
-from segjax.models.heads import FCNHead
+from segjax.layers import ConvBNAct, PyramidPoolingModule
+from segjax.models.heads import outputs_at_input_size
 from segjax.models.registry import MODELS, check_images
 
 
@@ -44,11 +44,5 @@ class PSPNet(nn.Module):
     x = ConvBNAct(self.head_channels, (3, 3), name="bottleneck", **kw)(x, train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
-    size = images.shape[1:3]
-    logits = resize_bilinear(x.astype(jnp.float32), size, align_corners=False)
-    if not (train and self.aux_channels):
-      return logits
-    aux = FCNHead(self.num_classes, self.aux_channels, dropout=self.dropout, name="aux_head",
-                  **kw)(features["stage3"], train)
-    return {"logits": logits,
-            "aux_logits": resize_bilinear(aux.astype(jnp.float32), size, align_corners=False)}
+    return outputs_at_input_size(x, images, features, train, self.num_classes,
+                                 self.aux_channels, dropout=self.dropout, **kw)
