@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.layers import batch_norm
+from segjax.layers import ConvBNAct
 
 # (expansion t, channels c, repeats n, stride s) per block group, torchvision's table.
 INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -44,28 +44,12 @@ def make_divisible(value: float, divisor: int = 8) -> int:
   return rounded + divisor if rounded < 0.9 * value else rounded
 
 
-class ConvBN(nn.Module):
-  """A bias-free conv (grouped when `groups` > 1) padded like PyTorch's, then
-  BatchNorm and an optional activation."""
-  features: int
-  kernel: int = 1
-  stride: int = 1
-  dilation: int = 1
-  groups: int = 1
-  activation: Optional[Callable] = nn.relu6
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    pad = self.dilation * (self.kernel // 2)
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                kernel_dilation=(self.dilation, self.dilation),
-                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
-                use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv")(x)
-    x = batch_norm(train, self.dtype, self.param_dtype, name="bn")(x)
-    return self.activation(x) if self.activation is not None else x
+def _conv_bn(features: int, kernel: int = 1, stride: int = 1, dilation: int = 1,
+             groups: int = 1, activation: Optional[Callable] = nn.relu6, **kw) -> ConvBNAct:
+  """Conv-BN-ReLU6 with torchvision's initialisation (ReLU6 unless `activation`)."""
+  return ConvBNAct(features, (kernel, kernel), (stride, stride), dilation,
+                   feature_group_count=groups, activation=activation, kernel_init=_conv_init,
+                   **kw)
 
 
 class InvertedResidual(nn.Module):
@@ -83,10 +67,10 @@ class InvertedResidual(nn.Module):
     hidden = int(round(x.shape[-1] * self.expand_ratio))
     y = x
     if self.expand_ratio != 1:
-      y = ConvBN(hidden, name="expand", **kw)(y, train)
-    y = ConvBN(hidden, 3, self.stride, self.dilation, groups=hidden, name="depthwise",
+      y = _conv_bn(hidden, name="expand", **kw)(y, train)
+    y = _conv_bn(hidden, 3, self.stride, self.dilation, groups=hidden, name="depthwise",
                **kw)(y, train)
-    y = ConvBN(self.features, activation=None, name="project", **kw)(y, train)
+    y = _conv_bn(self.features, activation=None, name="project", **kw)(y, train)
     return x + y if self.stride == 1 and x.shape[-1] == self.features else y
 
 
@@ -114,7 +98,7 @@ class MobileNetV2(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False) -> Dict[str, Any]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = ConvBN(make_divisible(STEM_CHANNELS * self.width_mult), 3, 2, name="stem",
+    x = _conv_bn(make_divisible(STEM_CHANNELS * self.width_mult), 3, 2, name="stem",
                **kw)(images.astype(self.dtype), train)
     features = {"stem": x}
     nominal, current, dilation = 2, 2, 1  # stride at os 32, actual stride, dilation
@@ -136,5 +120,5 @@ class MobileNetV2(nn.Module):
         features[STAGE_NAMES[nominal]] = x  # a later group at the same stride overwrites
     if self.include_last_conv:
       last = make_divisible(LAST_CHANNELS * max(1.0, self.width_mult))
-      features["stage4"] = ConvBN(last, name="last_conv", **kw)(x, train)
+      features["stage4"] = _conv_bn(last, name="last_conv", **kw)(x, train)
     return features

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.layers.conv import ConvBNAct, batch_norm
+from segjax.layers.conv import ConvBNAct
 from segjax.layers.pooling import adaptive_avg_pool
 from segjax.layers.resize import resize_bilinear
 
@@ -79,23 +79,6 @@ class ASPP(nn.Module):
     return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
-class _DepthwiseConvBNAct(nn.Module):
-  """Per-channel (depthwise) conv -> BN -> ReLU, keeping the channel count."""
-  kernel_size: int
-  dilation: int
-  dtype: Any
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    k = self.kernel_size
-    x = nn.Conv(x.shape[-1], (k, k), kernel_dilation=(self.dilation, self.dilation),
-                padding="SAME", feature_group_count=x.shape[-1], use_bias=False,
-                dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.kaiming_normal(), name="conv")(x)
-    return nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn")(x))
-
-
 class SeparableConvBNAct(nn.Module):
   """Depthwise-separable conv as in DeepLabV3+'s decoder (mmseg
   `DepthwiseSeparableConvModule`): a dilated depthwise conv-BN-ReLU, then a 1x1
@@ -110,5 +93,6 @@ class SeparableConvBNAct(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = _DepthwiseConvBNAct(self.kernel_size, self.dilation, name="depthwise", **kw)(x, train)
+    x = ConvBNAct(x.shape[-1], (self.kernel_size,) * 2, dilation=self.dilation,
+                  feature_group_count=x.shape[-1], name="depthwise", **kw)(x, train)
     return ConvBNAct(self.features, (1, 1), name="pointwise", **kw)(x, train)

@@ -29,20 +29,29 @@ def batch_norm(train: bool, dtype: Any, param_dtype: Any, name: Optional[str] = 
 
 
 class ConvBNAct(nn.Module):
-  """A bias-free convolution followed by BatchNorm and an activation."""
+  """A bias-free convolution followed by BatchNorm and an activation.
+
+  Padding is PyTorch's symmetric `dilation * (k // 2)` per side, so strided and
+  dilated convs line up with PyTorch models (and their converted weights);
+  `feature_group_count` equal to the input channels makes it depthwise.
+  """
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
   dilation: int = 1
+  feature_group_count: int = 1
   activation: Optional[Callable] = nn.relu
+  kernel_init: Callable = nn.initializers.kaiming_normal()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
+    padding = [(self.dilation * (k // 2),) * 2 for k in self.kernel_size]
     x = nn.Conv(self.features, tuple(self.kernel_size), strides=tuple(self.strides),
-                kernel_dilation=(self.dilation, self.dilation), padding="SAME",
-                use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.kaiming_normal(), name="conv")(x)
+                kernel_dilation=(self.dilation, self.dilation), padding=padding,
+                feature_group_count=self.feature_group_count, use_bias=False,
+                dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                name="conv")(x)
     x = batch_norm(train, self.dtype, self.param_dtype, name="bn")(x)
     return self.activation(x) if self.activation is not None else x
