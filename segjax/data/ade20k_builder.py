@@ -8,6 +8,7 @@ the rest minus one with the `reduce_zero_label` op, as mmsegmentation does.
 import os
 import zipfile
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from segjax.data import tfds_builders
@@ -69,10 +70,13 @@ class Ade20k(tfds_builders.PackagedBuilder):
         yield stem, {"image": zf.read(image), "label": zf.read(annotation), "file_name": stem}
 
 
-def load_ade20k(split: str, data_dir: str, manual_dir: str):
-  """Prepares ADE20K from the archive on first use; returns the split's data source."""
-  if split.split("[")[0] not in _SPLIT_DIRS:
-    raise ValueError(f"ADE20K has no split {split!r}; use one of {sorted(_SPLIT_DIRS)}.")
-  builder = Ade20k(data_dir=data_dir, file_format="array_record")
-  return tfds_builders.prepared_source(
-      builder, split, tfds.download.DownloadConfig(manual_dir=manual_dir))
+def palette(num_classes: int = 150) -> np.ndarray:
+  """A fixed pseudo-random palette (ADE20K has no canonical one in this package)."""
+  return np.random.default_rng(150).integers(0, 256, (num_classes, 3), dtype=np.uint8)
+
+
+ADE20K = tfds_builders.ArchiveDataset(
+    name="ade20k", class_names=CLASS_NAMES, palette=palette(), splits=tuple(_SPLIT_DIRS),
+    archives={ARCHIVE: "the MIT SceneParsing release ADEChallengeData2016 "
+                       "(http://sceneparsing.csail.mit.edu)"},
+    builder=Ade20k)

@@ -6,16 +6,14 @@ metrics and visualisation need. A dataset that is not on disk raises
 `DatasetNotFoundError` saying which archive to put where.
 """
 import dataclasses
+import importlib
 import os
 from typing import Any, Callable, Tuple
 
 import numpy as np
 
+from segjax.data.tfds_builders import DatasetNotFoundError
 from segjax.registry import Registry
-
-
-class DatasetNotFoundError(FileNotFoundError):
-  """A dataset that must be prepared from files the user provides is missing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,27 +63,37 @@ def _shapes(data_dir: str, manual_dir: str) -> DatasetSpec:
       open_split=lambda split: shapes_builder.load_shapes(split, data_dir))
 
 
-def ade20k_palette(num_classes: int = 150) -> np.ndarray:
-  """A fixed pseudo-random palette (ADE20K has no canonical one in this package)."""
-  return np.random.default_rng(150).integers(0, 256, (num_classes, 3), dtype=np.uint8)
+# Datasets prepared from their owners' archives: name -> (module, attribute)
+# of a `tfds_builders.ArchiveDataset`, imported on first use.
+_ARCHIVE_DATASETS = {
+    "ade20k": ("ade20k_builder", "ADE20K"),
+    "voc2012": ("voc_builder", "VOC2012"),
+    "voc2012_aug": ("voc_builder", "VOC2012_AUG"),
+    "cityscapes": ("cityscapes_builder", "CITYSCAPES"),
+    "coco_instances": ("coco_builder", "COCO_INSTANCES"),
+    "coco_panoptic": ("coco_builder", "COCO_PANOPTIC"),
+    "camvid": ("camvid_builder", "CAMVID"),
+}
 
 
-ADE20K_ARCHIVE = "ADEChallengeData2016.zip"
+def archive_dataset(name: str):
+  """The `ArchiveDataset` registered as `name`."""
+  module, attribute = _ARCHIVE_DATASETS[name]
+  return getattr(importlib.import_module(f"segjax.data.{module}"), attribute)
 
 
-@DATASETS.register("ade20k")
-def _ade20k(data_dir: str, manual_dir: str) -> DatasetSpec:
-  """ADE20K (SceneParsing, 150 classes), prepared from the official archive."""
-  archive = os.path.join(manual_dir, ADE20K_ARCHIVE)
-  prepared = os.path.isdir(os.path.join(data_dir, "ade20k"))
-  if not prepared and not os.path.exists(archive):
-    raise DatasetNotFoundError(
-        f"ADE20K is not prepared and its archive is missing: put {ADE20K_ARCHIVE} (the "
-        f"SceneParsing release, ADEChallengeData2016) at {archive}, or set "
-        f"--config.data.manual_dir to the folder holding it, then run the same command again.")
-  from segjax.data import ade20k_builder
-  return DatasetSpec(
-      name="ade20k", class_names=ade20k_builder.CLASS_NAMES, palette=ade20k_palette(),
-      ignore_index=255,
-      splits=("train", "validation"),
-      open_split=lambda split: ade20k_builder.load_ade20k(split, data_dir, manual_dir))
+def _register_archive_dataset(name: str) -> None:
+  @DATASETS.register(name)
+  def _spec(data_dir: str, manual_dir: str) -> DatasetSpec:
+    dataset = archive_dataset(name)
+    dataset.check_available(data_dir, manual_dir)
+    return DatasetSpec(
+        name=name, class_names=tuple(dataset.class_names),
+        palette=np.asarray(dataset.palette, np.uint8), ignore_index=dataset.ignore_index,
+        splits=tuple(dataset.splits),
+        open_split=lambda split: dataset.load(split, data_dir, manual_dir))
+  _spec.__doc__ = f"{name}, prepared from its archives in the manual dir."
+
+
+for _name in _ARCHIVE_DATASETS:
+  _register_archive_dataset(_name)

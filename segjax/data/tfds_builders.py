@@ -1,6 +1,22 @@
-"""What segjax's tfds builders share: living inside a package, and being
-prepared on first use and then read with `tfds.data_source` (no TensorFlow)."""
+"""What segjax's tfds builders share: living inside a package, being prepared
+on first use from archives the user placed in the manual dir, and then being
+read with `tfds.data_source` (no TensorFlow).
+
+A dataset prepared from archives is described by an `ArchiveDataset`: its
+class metadata, its splits, the archives it needs (each with a sentence saying
+what it is and where it comes from) and its builder. `segjax.data.sources`
+registers these under their names.
+"""
+import dataclasses
+import os
+from typing import Callable, Mapping, Tuple
+
+import numpy as np
 import tensorflow_datasets as tfds
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A dataset that must be prepared from files the user provides is missing."""
 
 
 class PackagedBuilder(tfds.core.GeneratorBasedBuilder):
@@ -26,3 +42,55 @@ def prepared_source(builder: tfds.core.GeneratorBasedBuilder, split: str,
     finally:
       tfds.display_progress_bar(True)
   return tfds.data_source(builder.name, split=split, data_dir=builder.data_dir_root)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveDataset:
+  """A dataset prepared once from the owners' archives, then read from ArrayRecord.
+
+  Attributes:
+    name: registry name, e.g. "voc2012_aug".
+    class_names: training classes, in label-id order.
+    palette: (num_classes, 3) uint8 colours for visualisation.
+    splits: split names the builder writes.
+    archives: file name in the manual dir -> what it is and where to get it.
+    builder: the `PackagedBuilder` subclass (or a factory taking `data_dir`)
+      that prepares the dataset from `dl_manager.manual_dir`.
+    ignore_index: label value that marks unlabelled pixels.
+  """
+  name: str
+  class_names: Tuple[str, ...]
+  palette: np.ndarray
+  splits: Tuple[str, ...]
+  archives: Mapping[str, str]
+  builder: Callable[..., tfds.core.GeneratorBasedBuilder]
+  ignore_index: int = 255
+
+  def make_builder(self, data_dir: str) -> tfds.core.GeneratorBasedBuilder:
+    return self.builder(data_dir=data_dir, file_format="array_record")
+
+  def check_available(self, data_dir: str, manual_dir: str) -> None:
+    """Raises `DatasetNotFoundError` naming every archive still missing, unless
+    the dataset is already prepared in `data_dir`."""
+    builder = self.make_builder(data_dir)
+    if builder.is_prepared():
+      return
+    missing = [f"  {os.path.join(manual_dir, name)}: {what}"
+               for name, what in self.archives.items()
+               if not os.path.exists(os.path.join(manual_dir, name))]
+    if missing:
+      raise DatasetNotFoundError(
+          f"Dataset {self.name!r} is not prepared in {data_dir} and these files are missing:\n"
+          + "\n".join(missing) + "\nPlace them there (or set --config.data.manual_dir to "
+          "the folder that holds them) and run the same command again; the dataset is "
+          "prepared once, then read from " + os.path.join(data_dir, builder.name) + ".")
+
+  def load(self, split: str, data_dir: str, manual_dir: str):
+    """Random-access source of `split` (a tfds slice such as "train[:100]" is
+    allowed), preparing the dataset from the archives on first use."""
+    if split.split("[")[0] not in self.splits:
+      raise ValueError(f"Dataset {self.name!r} has no split {split!r}; its splits are "
+                       f"{list(self.splits)}.")
+    self.check_available(data_dir, manual_dir)
+    return prepared_source(self.make_builder(data_dir), split,
+                           tfds.download.DownloadConfig(manual_dir=manual_dir))
