@@ -62,3 +62,17 @@ def test_tiny_archive_is_prepared_and_read(tmp_path):
   np.testing.assert_array_equal(out["label"], np.where(raw == 0, 255, raw.astype(int) - 1))
   with pytest.raises(ValueError, match="no split 'test'"):
     dataset.source("test")
+
+
+def test_prepare_command_prepares_once_and_reports_sizes(tmp_path, capsys):
+  from segjax.data import prepare
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  args = ["ade20k", "--data_dir", str(tmp_path / "data"), "--manual_dir", str(manual)]
+  assert prepare.main(args) == 2
+  assert "ADEChallengeData2016.zip" in capsys.readouterr().err
+  _tiny_archive(manual / "ADEChallengeData2016.zip", np.random.default_rng(0))
+  assert prepare.main(args) == 0
+  assert "ade20k: 150 classes; train 3, validation 2" in capsys.readouterr().out
+  (manual / "ADEChallengeData2016.zip").unlink()  # prepared: the archive is no longer read
+  assert prepare.main(args) == 0

@@ -81,8 +81,9 @@ class ArchiveDataset:
     if missing:
       raise DatasetNotFoundError(
           f"Dataset {self.name!r} is not prepared in {data_dir} and these files are missing:\n"
-          + "\n".join(missing) + "\nPlace them there (or set --config.data.manual_dir to "
-          "the folder that holds them) and run the same command again; the dataset is "
+          + "\n".join(missing) + "\nPlace them there, or point the manual dir at the folder "
+          "that holds them (--config.data.manual_dir for train.py, --manual_dir for "
+          "`python -m segjax.data.prepare`), and run the command again. The dataset is "
           "prepared once, then read from " + os.path.join(data_dir, builder.name) + ".")
 
   def load(self, split: str, data_dir: str, manual_dir: str):
