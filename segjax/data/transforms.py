@@ -10,12 +10,26 @@ An example is a dict of numpy arrays. Spatial keys:
   image: (H, W, 3), resized bilinearly, padded with 0.
   label: (H, W) class ids, padded with the ignore index.
   instance_ids: (H, W), padded with 0.
-  panoptic: (H, W, 3), padded with 0.
-Label maps are only ever resized with nearest neighbour, so ids never blend.
-`boxes` (N, 4) float32 x1, y1, x2, y2 in pixels (x2, y2 exclusive) follow every
-geometric op together with `instance_valid` (N,) bool, which turns False when a
-crop leaves a box empty; N never changes and invalid rows are zeroed. Other
-keys pass through untouched.
+  panoptic: (H, W, 3) COCO ids R + 256 G + 256^2 B (0 = VOID), padded with 0.
+  masks: (N, H, W) uint8 0/1, one per instance row, padded with 0.
+Label maps and masks are only ever resized with nearest neighbour, so ids
+never blend. Per-instance rows (`unpack_instances` makes them from the tfds
+`objects` sequence):
+  boxes: (N, 4) float32 x1, y1, x2, y2 in pixels (x2, y2 exclusive).
+  classes: (N,) int32; is_crowd: (N,) bool.
+  instance_valid: (N,) bool.
+Every geometric op moves boxes and masks with the image; an instance whose box
+becomes empty, or whose mask has no pixel left, turns invalid and its box and
+mask rows are zeroed. N never changes except in `pad_instances`, which moves
+the valid rows first and pads to a fixed count. Per-segment rows of panoptic
+datasets (from the tfds `segments` sequence), all (S,):
+  segment_ids, segment_classes, segment_areas: int32;
+  segment_is_thing, segment_is_crowd, segment_valid: bool.
+`resize(resize_labels=False)` adds `original_size` and `resized_size`, int32
+(2,) (H, W). It and `mirror_pad` leave `image` at another size than the
+maps; geometric ops after them raise rather than misalign the two, and only
+`pad(label_size=...)` accepts the difference. Other keys pass through
+untouched.
 
 Ops never write into their input arrays or dict: grain may hand the same
 source element to the pipeline again in a later epoch.
@@ -35,6 +49,19 @@ Op = Callable[[Example, np.random.Generator], Example]
 PREPROCESS_OPS: Registry = Registry("preprocessing op")
 
 LABEL_KEYS = ("label", "instance_ids", "panoptic")
+# Spatial key -> index of its H axis.
+_SPATIAL_AXIS = {"image": 0, **{key: 0 for key in LABEL_KEYS}, "masks": 1}
+INSTANCE_KEYS = ("boxes", "classes", "is_crowd", "masks", "instance_valid")
+SEGMENT_KEYS = ("segment_ids", "segment_classes", "segment_is_thing", "segment_is_crowd",
+                "segment_areas", "segment_valid")
+# tfds sequence field -> (example key, dtype, shape of one row).
+_OBJECT_FIELDS = {"box": ("boxes", np.float32, (4,)), "class": ("classes", np.int32, ()),
+                  "is_crowd": ("is_crowd", np.bool_, ()), "mask": ("masks", np.uint8, None)}
+_SEGMENT_FIELDS = {"id": ("segment_ids", np.int32, ()),
+                   "class": ("segment_classes", np.int32, ()),
+                   "is_thing": ("segment_is_thing", np.bool_, ()),
+                   "is_crowd": ("segment_is_crowd", np.bool_, ()),
+                   "area": ("segment_areas", np.int32, ())}
 _MMSEG_CROP_TRIES = 10
 
 
@@ -79,20 +106,56 @@ def _require(example: Example, key: str, op: str):
   return example[key]
 
 
+def _map_index(key: str, rows, cols) -> tuple:
+  """Index applying `rows`, `cols` to the spatial axes of the map `key`."""
+  return (slice(None),) * _SPATIAL_AXIS[key] + (rows, cols)
+
+
+def _sizes(example: Example) -> Dict[str, Tuple[int, int]]:
+  """(H, W) of every spatial key present."""
+  return {key: tuple(example[key].shape[axis:axis + 2])
+          for key, axis in _SPATIAL_AXIS.items() if key in example}
+
+
 def _spatial_size(example: Example) -> Tuple[int, int]:
   """(H, W) of the example, from `image` or else the first label map present."""
-  for key in ("image",) + LABEL_KEYS:
-    if key in example:
-      return tuple(example[key].shape[:2])
-  raise KeyError(f"example has no spatial key (image, {', '.join(LABEL_KEYS)}); "
-                 f"it has keys {sorted(example)}.")
+  sizes = _sizes(example)
+  if not sizes:
+    raise KeyError(f"example has no spatial key ({', '.join(_SPATIAL_AXIS)}); "
+                   f"it has keys {sorted(example)}.")
+  return next(iter(sizes.values()))
 
 
-def _set_boxes(example: Example, boxes: np.ndarray) -> None:
-  """Stores moved boxes; a box that is empty now or was invalid becomes a zero row."""
-  valid = _require(example, "instance_valid", "a geometric op on `boxes`").astype(bool)
-  valid &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-  example["boxes"] = np.where(valid[:, None], boxes, 0).astype(example["boxes"].dtype)
+def _aligned_size(example: Example, op: str) -> Tuple[int, int]:
+  """(H, W) shared by all spatial keys; a geometric op on maps of different
+  sizes (left by `resize(resize_labels=False)`) would misalign them."""
+  sizes = _sizes(example)
+  size = _spatial_size(example)
+  if any(s != size for s in sizes.values()):
+    shown = ", ".join(f"{key} {h}x{w}" for key, (h, w) in sizes.items())
+    raise ValueError(
+        f"{op} needs all spatial keys at one size but got (HxW) {shown}; after "
+        "resize(resize_labels=False) only pad(label_size=...) may follow.")
+  return size
+
+
+def _set_instances(example: Example, boxes=None) -> None:
+  """Stores moved `boxes` (None: the example has none) and checks moved
+  `masks`: an instance that was invalid, whose box is empty now, or whose mask
+  has no pixel left, becomes invalid with zero box and mask rows."""
+  if boxes is None and "masks" not in example:
+    return
+  valid = _require(example, "instance_valid", "a geometric op on instances").astype(bool)
+  if boxes is not None:
+    valid &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+  if "masks" in example:
+    masks = example["masks"]
+    nonempty = masks.any(axis=(1, 2))
+    valid &= nonempty
+    if (nonempty & ~valid).any():
+      example["masks"] = np.where(valid[:, None, None], masks, 0).astype(masks.dtype)
+  if boxes is not None:
+    example["boxes"] = np.where(valid[:, None], boxes, 0).astype(example["boxes"].dtype)
   example["instance_valid"] = valid
 
 
@@ -103,7 +166,7 @@ def _nearest_index(size_in: int, size_out: int) -> np.ndarray:
 
 
 def _resize(example: Example, out_h: int, out_w: int) -> Example:
-  """Bilinear image, nearest-neighbour label maps, scaled boxes."""
+  """Bilinear image, nearest-neighbour label maps and masks, scaled boxes."""
   h, w = _spatial_size(example)
   out = dict(example)
   if "image" in out:
@@ -111,52 +174,70 @@ def _resize(example: Example, out_h: int, out_w: int) -> Example:
   # Gathering rows and columns keeps any integer dtype (cv2 lacks int64/uint32)
   # and copies ids bit-exactly, like cv2.INTER_NEAREST_EXACT.
   rows, cols = _nearest_index(h, out_h), _nearest_index(w, out_w)
-  for key in LABEL_KEYS:
-    if key in out:
-      out[key] = out[key].take(rows, axis=0).take(cols, axis=1)
+  for key, axis in _SPATIAL_AXIS.items():
+    if key in out and key != "image":
+      out[key] = out[key].take(rows, axis=axis).take(cols, axis=axis + 1)
+  boxes = None
   if "boxes" in out:
     boxes = out["boxes"].astype(np.float32) * np.float32([out_w / w, out_h / h] * 2)
-    _set_boxes(out, np.clip(boxes, 0, np.float32([out_w, out_h] * 2)))
+    boxes = np.clip(boxes, 0, np.float32([out_w, out_h] * 2))
+  _set_instances(out, boxes)
   return out
 
 
 def _crop(example: Example, y0: int, x0: int, h: int, w: int) -> Example:
-  """Window [y0, y0 + h) x [x0, x0 + w), clipped to the example."""
+  """Window [y0, y0 + h) x [x0, x0 + w), clipped to the example; boxes are
+  clipped to the window (detectron2), masks cut with it."""
   out = dict(example)
-  for key in ("image",) + LABEL_KEYS:
+  for key in _SPATIAL_AXIS:
     if key in out:
-      out[key] = out[key][y0:y0 + h, x0:x0 + w]
+      out[key] = out[key][_map_index(key, slice(y0, y0 + h), slice(x0, x0 + w))]
+  boxes = None
   if "boxes" in out:
     crop_h, crop_w = _spatial_size(out)
     boxes = out["boxes"].astype(np.float32) - np.float32([x0, y0] * 2)
-    _set_boxes(out, np.clip(boxes, 0, np.float32([crop_w, crop_h] * 2)))
+    boxes = np.clip(boxes, 0, np.float32([crop_w, crop_h] * 2))
+  _set_instances(out, boxes)
   return out
 
 
-def _pad(example: Example, out_h: int, out_w: int, ignore_index: int) -> Example:
-  """Pads bottom/right to (out_h, out_w); boxes keep their coordinates."""
-  h, w = _spatial_size(example)
+def _pad_map(array: np.ndarray, axis: int, out_h: int, out_w: int, fill) -> np.ndarray:
+  """Pads the spatial axes (axis, axis + 1) of `array` bottom/right."""
+  h, w = array.shape[axis:axis + 2]
   if (h, w) == (out_h, out_w):
-    return example
+    return array
+  shape = array.shape[:axis] + (out_h, out_w) + array.shape[axis + 2:]
+  padded = np.full(shape, fill, array.dtype)
+  padded[(slice(None),) * axis + (slice(0, h), slice(0, w))] = array
+  return padded
+
+
+def _pad(example: Example, out_h: int, out_w: int, ignore_index: int,
+         label_size=None) -> Example:
+  """Pads bottom/right to (out_h, out_w), the maps other than `image` to
+  `label_size` where given; boxes keep their coordinates."""
   out = dict(example)
-  for key, value in (("image", 0), ("label", ignore_index), ("instance_ids", 0),
-                     ("panoptic", 0)):
-    if key in out:
-      padded = np.full((out_h, out_w) + out[key].shape[2:], value, out[key].dtype)
-      padded[:h, :w] = out[key]
-      out[key] = padded
+  if "image" in out:
+    out["image"] = _pad_map(out["image"], 0, out_h, out_w, 0)
+  label_h, label_w = label_size or (out_h, out_w)
+  for key, axis in _SPATIAL_AXIS.items():
+    if key in out and key != "image":
+      fill = ignore_index if key == "label" else 0
+      out[key] = _pad_map(out[key], axis, label_h, label_w, fill)
   return out
 
 
 def _hflip(example: Example) -> Example:
   out = dict(example)
   _, w = _spatial_size(example)
-  for key in ("image",) + LABEL_KEYS:
+  for key in _SPATIAL_AXIS:
     if key in out:
-      out[key] = np.ascontiguousarray(out[key][:, ::-1])
+      out[key] = np.ascontiguousarray(out[key][_map_index(key, slice(None), slice(None, None, -1))])
+  boxes = None
   if "boxes" in out:
     boxes = out["boxes"].astype(np.float32)
-    _set_boxes(out, np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1))
+    boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+  _set_instances(out, boxes)
   return out
 
 
@@ -165,6 +246,94 @@ def _keep_ratio_size(h: int, w: int, scale: Tuple[int, int]) -> Tuple[int, int]:
   side fits max(scale) and short side fits min(scale), rounded half up."""
   factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
   return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def _cubic_weights(size: int, grid: int) -> np.ndarray:
+  """(size, grid) weights of bicubic interpolation (Keys, a = -0.5) from `grid`
+  control points spread evenly from the first to the last pixel; beyond the
+  grid the edge points repeat."""
+  position = np.linspace(0, grid - 1, size)
+  base = np.floor(position).astype(np.int64)
+  weights = np.zeros((size, grid))
+  for offset in (-1, 0, 1, 2):
+    t = np.abs(position - (base + offset))
+    kernel = np.where(t <= 1, (1.5 * t - 2.5) * t * t + 1,
+                      np.where(t < 2, ((-0.5 * t + 2.5) * t - 4) * t + 2, 0))
+    np.add.at(weights, (np.arange(size), np.clip(base + offset, 0, grid - 1)), kernel)
+  return weights
+
+
+def _boxes_from_masks(masks: np.ndarray) -> np.ndarray:
+  """Tight (N, 4) boxes x1, y1, x2, y2 (exclusive) of (N, H, W) masks; rows of
+  empty masks are meaningless and left for `_set_instances` to zero."""
+  rows, cols = masks.any(axis=2), masks.any(axis=1)
+  h, w = masks.shape[1:]
+  return np.stack([cols.argmax(1), rows.argmax(1), w - cols[:, ::-1].argmax(1),
+                   h - rows[:, ::-1].argmax(1)], 1).astype(np.float32)
+
+
+# Instance and segment rows.
+
+
+def _compact(example: Example, keys: Tuple[str, ...], valid: np.ndarray, limit: int,
+             on_overflow: str, what: str) -> None:
+  """Valid rows of `keys` first (stable), cut or padded with zeros to `limit`."""
+  lengths = {key: len(example[key]) for key in keys if key in example}
+  if any(n != len(valid) for n in lengths.values()):
+    raise ValueError(f"pad_instances: the {what} arrays disagree in length: {lengths}.")
+  keep = np.flatnonzero(valid)
+  if keep.size > limit:
+    if on_overflow == "error":
+      raise ValueError(
+          f"pad_instances: the example has {keep.size} valid {what}s, more than the "
+          f"limit of {limit}; raise the limit or pass on_overflow='drop'.")
+    keep = keep[:limit]
+  for key in lengths:
+    array = np.asarray(example[key])
+    padded = np.zeros((limit,) + array.shape[1:], array.dtype)
+    padded[:keep.size] = array[keep]
+    example[key] = padded
+
+
+def _panoptic_areas(panoptic: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+  """Pixel count of each segment id in an (H, W, 3) COCO panoptic map."""
+  if panoptic.ndim != 3 or panoptic.shape[-1] != 3:
+    raise ValueError(f"pad_instances: `panoptic` must be (H, W, 3) COCO RGB ids, got "
+                     f"shape {panoptic.shape}.")
+  rgb = panoptic.astype(np.int64)
+  ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+  present, counts = np.unique(ids, return_counts=True)
+  segment_ids = segment_ids.astype(np.int64)
+  index = np.minimum(np.searchsorted(present, segment_ids), present.size - 1)
+  found = (present[index] == segment_ids) & (segment_ids != 0)
+  return np.where(found, counts[index], 0).astype(np.int32)
+
+
+def _unpack_rows(records, fields, name: str, example: Example) -> Dict[str, np.ndarray]:
+  """Row arrays from a tfds Sequence decoded as a dict of python lists."""
+  op = "unpack_instances"
+  unknown = sorted(set(records) - set(fields))
+  if unknown:
+    raise ValueError(f"{op}: `{name}` has unknown field(s) {unknown}; it knows "
+                     f"{sorted(fields)}.")
+  lengths = {field: len(values) for field, values in records.items()}
+  if len(set(lengths.values())) > 1:
+    raise ValueError(f"{op}: the fields of `{name}` differ in length: {lengths}.")
+  rows = {}
+  for field, values in records.items():
+    key, dtype, shape = fields[field]
+    if shape is not None:
+      rows[key] = np.asarray(values, dtype).reshape((len(values),) + shape)
+      continue
+    h, w = _spatial_size(example)
+    rows[key] = np.zeros((len(values), h, w), dtype)
+    for i, mask in enumerate(values):
+      mask = np.asarray(mask)
+      if mask.shape not in ((h, w), (h, w, 1)):
+        raise ValueError(f"{op}: mask {i} of `{name}` has shape {mask.shape} but the image "
+                         f"is {h}x{w}; masks must be image-sized (H, W, 1) or (H, W).")
+      rows[key][i] = mask.reshape(h, w) != 0
+  return rows
 
 
 # Ops.
@@ -183,23 +352,68 @@ def squeeze_labels() -> Op:
   return fn
 
 
+@PREPROCESS_OPS.register("unpack_instances")
+def unpack_instances() -> Op:
+  """tfds `objects` / `segments` sequences (dicts of python lists) -> row arrays.
+
+  objects {box, class, is_crowd, mask} -> `boxes` (N, 4) float32, `classes`
+  (N,) int32, `is_crowd` (N,) bool, `masks` (N, H, W) uint8 0/1, plus
+  `instance_valid` (N,) all True. segments {id, class, is_thing, is_crowd,
+  area} -> `segment_ids`, `segment_classes`, `segment_is_thing`,
+  `segment_is_crowd`, `segment_areas`, plus `segment_valid` all True. The
+  sequences are removed; empty ones give N = 0 rows of the right shapes. Put
+  it first: the geometric ops move arrays, not lists.
+  """
+  op = "unpack_instances"
+
+  def fn(example, rng):
+    del rng
+    if "objects" not in example and "segments" not in example:
+      raise KeyError(f"{op} needs `objects` or `segments` but the example only has keys "
+                     f"{sorted(example)}.")
+    out = dict(example)
+    if "objects" in out:
+      rows = _unpack_rows(out.pop("objects"), _OBJECT_FIELDS, "objects", out)
+      out.update(rows)
+      out["instance_valid"] = np.ones(len(next(iter(rows.values()), ())), bool)
+    if "segments" in out:
+      rows = _unpack_rows(out.pop("segments"), _SEGMENT_FIELDS, "segments", out)
+      out.update(rows)
+      out["segment_valid"] = np.ones(len(next(iter(rows.values()), ())), bool)
+    return out
+  return fn
+
+
 @PREPROCESS_OPS.register("resize")
-def resize(scale, keep_ratio: bool = True) -> Op:
+def resize(scale, keep_ratio: bool = True, resize_labels: bool = True) -> Op:
   """mmseg `Resize`. `scale` follows mmseg's (w, h) order.
 
   keep_ratio=True: the aspect ratio is kept and the result is as large as
   possible with long side <= max(scale) and short side <= min(scale), so the
   order inside `scale` does not matter, e.g. (2048, 512) sends 500x375 (w x h)
   to 683x512. keep_ratio=False: the output is exactly h = scale[1], w = scale[0].
+
+  resize_labels=False (evaluation at the original resolution): only `image` is
+  resized; label maps, masks and boxes keep the original geometry, and
+  `original_size` (the labels' H, W) and `resized_size` (the image's new
+  h, w), int32 (2,), are recorded so the prediction can be cropped to
+  resized_size and resized back to original_size. Follow it with
+  `pad(size=..., label_size=...)` for static shapes.
   """
   scale = _int_pair(scale, "resize", "scale")
   _check(isinstance(keep_ratio, bool), "resize", "keep_ratio", "a bool", keep_ratio)
+  _check(isinstance(resize_labels, bool), "resize", "resize_labels", "a bool", resize_labels)
 
   def fn(example, rng):
     del rng
-    if keep_ratio:
-      return _resize(example, *_keep_ratio_size(*_spatial_size(example), scale))
-    return _resize(example, scale[1], scale[0])
+    size = _aligned_size(example, "resize")
+    out_h, out_w = _keep_ratio_size(*size, scale) if keep_ratio else (scale[1], scale[0])
+    if resize_labels:
+      return _resize(example, out_h, out_w)
+    image = _require(example, "image", "resize(resize_labels=False)")
+    return {**example,
+            "image": cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR),
+            "original_size": np.int32(size), "resized_size": np.int32([out_h, out_w])}
   return fn
 
 
@@ -218,7 +432,8 @@ def random_resize(scale, ratio_range=(0.5, 2.0)) -> Op:
   def fn(example, rng):
     ratio = rng.uniform(low, high)
     target = (int(scale[0] * ratio + 0.5), int(scale[1] * ratio + 0.5))
-    return _resize(example, *_keep_ratio_size(*_spatial_size(example), target))
+    size = _aligned_size(example, "random_resize")
+    return _resize(example, *_keep_ratio_size(*size, target))
   return fn
 
 
@@ -231,8 +446,10 @@ def random_crop(size, cat_max_ratio: float = 1.0, ignore_index: int = 255) -> Op
   class and none covers cat_max_ratio or more of the non-ignored pixels; after
   10 rejections the next draw is used unchecked. This keeps crops from being
   all sky or all road. Images smaller than `size` are padded bottom/right
-  (image 0, label ignore_index, instance_ids 0, panoptic 0) so every output is
-  exactly `size`, which static batch shapes need.
+  (image 0, label ignore_index, instance_ids 0, panoptic 0, masks 0) so every
+  output is exactly `size`, which static batch shapes need. Boxes are clipped
+  to the window (detectron2); instances left with an empty box or mask turn
+  invalid.
   """
   crop_h, crop_w = _int_pair(size, "random_crop", "size")
   _check(_is_number(cat_max_ratio) and 0 < cat_max_ratio <= 1, "random_crop",
@@ -248,7 +465,7 @@ def random_crop(size, cat_max_ratio: float = 1.0, ignore_index: int = 255) -> Op
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
   def fn(example, rng):
-    h, w = _spatial_size(example)
+    h, w = _aligned_size(example, "random_crop")
     y0, x0 = draw(h, w, rng)
     if cat_max_ratio < 1 and "label" in example:
       for _ in range(_MMSEG_CROP_TRIES):
@@ -260,23 +477,32 @@ def random_crop(size, cat_max_ratio: float = 1.0, ignore_index: int = 255) -> Op
 
 
 @PREPROCESS_OPS.register("pad")
-def pad(size, ignore_index: int = 255) -> Op:
+def pad(size, ignore_index: int = 255, label_size=None) -> Op:
   """Pads bottom/right to `size` (h, w): image 0, label ignore_index, others 0.
 
   Used to give evaluation batches a static shape; an example larger than
-  `size` is an error rather than being cropped silently.
+  `size` is an error rather than being cropped silently. With `label_size`
+  (h, w), the label maps and masks are padded to label_size instead of size:
+  after `resize(resize_labels=False)` this keeps labels at the original
+  resolution with a static shape (label_size >= the largest original image).
   """
   out_h, out_w = _int_pair(size, "pad", "size")
   _check_int(ignore_index, "pad", "ignore_index")
+  if label_size is not None:
+    label_size = _int_pair(label_size, "pad", "label_size")
 
   def fn(example, rng):
     del rng
-    h, w = _spatial_size(example)
-    if h > out_h or w > out_w:
-      raise ValueError(
-          f"pad: the example is {h}x{w} (HxW), larger than the pad size "
-          f"{out_h}x{out_w}; resize it first or raise pad's `size`.")
-    return _pad(example, out_h, out_w, ignore_index)
+    if label_size is None:
+      _aligned_size(example, "pad")
+    for key, (h, w) in _sizes(example).items():
+      arg = "size" if key == "image" or label_size is None else "label_size"
+      limit_h, limit_w = (out_h, out_w) if arg == "size" else label_size
+      if h > limit_h or w > limit_w:
+        raise ValueError(
+            f"pad: `{key}` is {h}x{w} (HxW), larger than the pad {arg} "
+            f"{limit_h}x{limit_w}; resize it first or raise pad's `{arg}`.")
+    return _pad(example, out_h, out_w, ignore_index, label_size)
   return fn
 
 
@@ -287,7 +513,138 @@ def random_flip(prob: float = 0.5) -> Op:
          "a number in [0, 1]", prob)
 
   def fn(example, rng):
-    return _hflip(example) if rng.random() < prob else example
+    if rng.random() < prob:
+      _aligned_size(example, "random_flip")
+      return _hflip(example)
+    return example
+  return fn
+
+
+@PREPROCESS_OPS.register("elastic")
+def elastic(grid: int = 3, std: float = 10.0, prob: float = 1.0,
+            ignore_index: int = 255) -> Op:
+  """U-Net's elastic deformation (Ronneberger et al. 2015, section 3.1).
+
+  The U-Net variant, not Simard's Gaussian-smoothed per-pixel noise: with
+  probability `prob`, one displacement vector per point of a `grid` x `grid`
+  lattice spread evenly from corner to corner is drawn from N(0, std^2) pixels
+  per axis, bicubically interpolated (Keys, a = -0.5) to a per-pixel field d,
+  and every map is sampled at p + d(p): `image` bilinearly (cv2.remap), label
+  maps and masks by the nearest pixel of the same field, so ids never blend.
+  Pixels sampled from outside the example become image 0, label
+  `ignore_index`, instance_ids / panoptic / masks 0. Boxes are recomputed as
+  the tight boxes of the warped masks (instances warped out of view turn
+  invalid), so an example with boxes needs masks.
+  """
+  op = "elastic"
+  _check_int(grid, op, "grid", low=2)
+  _check(_is_number(std) and std >= 0, op, "std", "a number >= 0", std)
+  _check(_is_number(prob) and 0 <= prob <= 1, op, "prob", "a number in [0, 1]", prob)
+  _check_int(ignore_index, op, "ignore_index")
+
+  def fn(example, rng):
+    if rng.random() >= prob:
+      return example
+    h, w = _aligned_size(example, op)
+    if "boxes" in example and "masks" not in example:
+      raise ValueError(f"{op} needs `masks` to move `boxes` (they are recomputed from the "
+                       "warped masks); run unpack_instances on data with masks, or drop "
+                       "the boxes before elastic.")
+    shift_y, shift_x = rng.normal(0.0, std, (2, grid, grid))
+    weights_y, weights_x = _cubic_weights(h, grid), _cubic_weights(w, grid)
+    map_y = (np.arange(h)[:, None] + weights_y @ shift_y @ weights_x.T).astype(np.float32)
+    map_x = (np.arange(w)[None, :] + weights_y @ shift_x @ weights_x.T).astype(np.float32)
+    out = dict(example)
+    if "image" in out:
+      out["image"] = cv2.remap(out["image"], map_x, map_y, cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    src_y = np.floor(map_y + 0.5).astype(np.int64)
+    src_x = np.floor(map_x + 0.5).astype(np.int64)
+    outside = (src_y < 0) | (src_y >= h) | (src_x < 0) | (src_x >= w)
+    src_y, src_x = np.clip(src_y, 0, h - 1), np.clip(src_x, 0, w - 1)
+    for key, axis in _SPATIAL_AXIS.items():
+      if key in out and key != "image":
+        warped = out[key][_map_index(key, src_y, src_x)]
+        warped[(slice(None),) * axis + (outside,)] = ignore_index if key == "label" else 0
+        out[key] = warped
+    if "masks" in out:
+      _set_instances(out, _boxes_from_masks(out["masks"]) if "boxes" in out else None)
+    return out
+  return fn
+
+
+@PREPROCESS_OPS.register("mirror_pad")
+def mirror_pad(pixels: int) -> Op:
+  """U-Net's overlap-tile input (its Fig. 2): mirrors `pixels` of `image` out
+  on every side.
+
+  A U-Net of valid (unpadded) convolutions that loses `pixels` per side then
+  outputs a map aligned with the unpadded label. The reflection does not
+  repeat the edge pixel, as in the paper's figure (cv2.BORDER_REFLECT_101,
+  numpy's mode "reflect": padded row -1 is row 1). Only `image` changes; label
+  maps, masks and boxes keep the unpadded geometry, so put geometric ops first.
+  """
+  _check_int(pixels, "mirror_pad", "pixels", low=1)
+
+  def fn(example, rng):
+    del rng
+    image = _require(example, "image", "mirror_pad")
+    h, w = image.shape[:2]
+    if pixels >= min(h, w):
+      raise ValueError(
+          f"mirror_pad: reflecting {pixels} pixels needs an image larger than {pixels} "
+          f"in both dimensions, but it is {h}x{w} (HxW); lower `pixels` or resize first.")
+    padded = cv2.copyMakeBorder(image, pixels, pixels, pixels, pixels, cv2.BORDER_REFLECT_101)
+    return {**example, "image": padded.reshape(padded.shape[:2] + image.shape[2:])}
+  return fn
+
+
+@PREPROCESS_OPS.register("pad_instances")
+def pad_instances(max_instances: int = 100, max_segments=None,
+                  on_overflow: str = "drop") -> Op:
+  """Static row counts for batching (and TPU shapes): valid rows first, padded.
+
+  The instance rows (boxes, classes, is_crowd, masks, instance_valid) are
+  reordered valid-first (keeping their order), cut to `max_instances` and
+  padded with zero / False rows to exactly max_instances. With `max_segments`,
+  each segment's area is first recomputed from the `panoptic` map as it is now
+  (after crops and resizes; id = R + 256 G + 65536 B), segments with no pixel
+  left turn invalid, and the segment_* rows are compacted and padded the same
+  way to max_segments. Put it last among the geometric ops.
+
+  Cutting loses annotations silently: with on_overflow="drop" the valid rows
+  past the limit (the last in annotation order) are dropped; "error" raises,
+  naming the count and the limit, so a limit below the data's maximum is
+  caught. Rows move but `instance_ids` maps are not renumbered: an id map that
+  encodes row numbers (segjax_shapes: id k is row k - 1) no longer matches once
+  an invalid row precedes a valid one; `masks` always match their rows.
+  """
+  op = "pad_instances"
+  _check_int(max_instances, op, "max_instances", low=1)
+  if max_segments is not None:
+    _check_int(max_segments, op, "max_segments", low=1)
+  _check(on_overflow in ("drop", "error"), op, "on_overflow", "'drop' or 'error'",
+         on_overflow)
+
+  def fn(example, rng):
+    del rng
+    out = dict(example)
+    has_instances = any(key in out for key in INSTANCE_KEYS)
+    if not has_instances and max_segments is None:
+      raise KeyError(f"{op} needs instance rows ({', '.join(INSTANCE_KEYS)}; run "
+                     f"unpack_instances first) but the example only has keys {sorted(out)}.")
+    if has_instances:
+      valid = _require(out, "instance_valid", op).astype(bool)
+      _compact(out, INSTANCE_KEYS, valid, max_instances, on_overflow, "instance")
+    if max_segments is not None:
+      needs = f"{op}(max_segments=...)"
+      areas = _panoptic_areas(_require(out, "panoptic", needs),
+                              _require(out, "segment_ids", needs))
+      valid = _require(out, "segment_valid", needs).astype(bool) & (areas > 0)
+      out["segment_areas"] = np.where(valid, areas, 0).astype(np.int32)
+      out["segment_valid"] = valid
+      _compact(out, SEGMENT_KEYS, valid, max_segments, on_overflow, "segment")
+    return out
   return fn
 
 
