@@ -32,7 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.std = (58.395, 57.12, 57.375)
   config.data.batch_size = 16  # global, over all devices and processes
   config.data.eval_batch_size = 16
-  config.data.num_threads = 2  # grain reader threads per process
+  config.data.num_threads = 2  # grain reader threads per process (or per worker)
+  # grain worker processes decoding and augmenting in parallel; 0 = threads only.
+  # A checkpoint resumes its data position only with the same value.
+  config.data.num_workers = 0
 
   config.loss = ml_collections.ConfigDict()
   # Per-class weights of the cross-entropy (mmseg's class_weight); () = all 1.

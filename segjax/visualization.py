@@ -1,4 +1,5 @@
 """Colour-coded label maps and image | ground truth | prediction panels."""
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -20,19 +21,29 @@ def denormalize(image: np.ndarray, mean, std) -> np.ndarray:
 
 def panel(images, labels, predictions, palette, ignore_index: int, mean, std,
           max_rows: int = 4) -> np.ndarray:
-  """Rows of image | ground truth | prediction, separated by white lines."""
+  """Rows of image | ground truth | prediction, separated by white lines.
+
+  Rows may differ in size; an image of another size than its label (a
+  mirror-padded U-Net input, a resized test image) is shown resized to it.
+  """
   rows = []
   for image, label, pred in list(zip(images, labels, predictions))[:max_rows]:
     # Models that predict only the central region (unet_valid): centre the prediction.
     dy, dx = label.shape[0] - pred.shape[0], label.shape[1] - pred.shape[1]
     pred = np.pad(pred, ((dy // 2, dy - dy // 2), (dx // 2, dx - dx // 2)),
                   constant_values=ignore_index)
-    row = [denormalize(image, mean, std), colorize(label, palette, ignore_index),
-           colorize(pred, palette, ignore_index)]
+    image = denormalize(image, mean, std)
+    if image.shape[:2] != label.shape:
+      image = cv2.resize(image, label.shape[::-1], interpolation=cv2.INTER_LINEAR)
+    row = [image, colorize(label, palette, ignore_index), colorize(pred, palette, ignore_index)]
     sep = np.full((row[0].shape[0], 2, 3), 255, np.uint8)
     rows.append(np.concatenate([row[0], sep, row[1], sep, row[2]], axis=1))
-    rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
-  return np.concatenate(rows[:-1], axis=0)
+  width = max(row.shape[1] for row in rows)
+  out = []
+  for row in rows:
+    out += [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))),
+            np.full((2, width, 3), 255, np.uint8)]
+  return np.concatenate(out[:-1], axis=0)
 
 
 def save_png(path: str, array: np.ndarray) -> None:

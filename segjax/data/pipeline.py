@@ -3,22 +3,36 @@
 Each process reads only its own slice of the index space (`[i::n]`), applies
 the preprocessing ops (seeded per element, so a run is reproducible and its
 iterator can be checkpointed), batches locally, and the per-process batches
-are assembled into global `jax.Array`s sharded on the batch axis.
+are assembled into global `jax.Array`s sharded on the batch axis. Decoding and
+augmentation run in reader threads, or with `num_workers > 0` in that many
+grain worker processes (the order and the random draws are the same either
+way; a checkpointed position only restores into the same `num_workers`).
 """
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import grain
+from absl import flags
 import jax
 import numpy as np
 
 from segjax.data import transforms
 
 MODEL_KEYS = ("image", "label")
+# Eval-only keys a test-time `resize(resize_labels=False)` adds, so predictions
+# can be scored against labels at their original size.
+SIZE_KEYS = ("original_size", "resized_size")
 
 
-def process_slice(source) -> grain.MapDataset:
-  """This process's share of a random-access source."""
-  return grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+def process_slice(source, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> grain.MapDataset:
+  """Process `process_index`'s share (default: this process) of a random-access
+  source: records i, i + n, i + 2n, ... of n processes, disjoint across
+  processes and together the whole source."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} is not in [0, {count}).")
+  return grain.MapDataset.source(source)[index::count]
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -39,17 +53,25 @@ def example_shapes(source, ops: str) -> Dict[str, tuple]:
 
 
 def train_iterator(source, ops: str, global_batch_size: int, seed: int,
-                   num_threads: int = 2) -> grain.DatasetIterator:
+                   num_threads: int = 2, num_workers: int = 0) -> grain.DatasetIterator:
   """An endless, per-epoch reshuffled iterator of local numpy batches.
 
   Its `get_state()`/`set_state()` position is saved with the checkpoints.
   """
+  if num_workers < 0 or num_threads < 1:
+    raise ValueError(f"data.num_workers must be >= 0 and data.num_threads >= 1, got "
+                     f"{num_workers} and {num_threads}.")
   pipeline = transforms.parse_pipeline(ops)
   ds = process_slice(source).shuffle(seed=seed).repeat()
   ds = ds.random_map(pipeline, seed=seed).map(_select(MODEL_KEYS))
   ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
-  return iter(ds.to_iter_dataset(read))
+  ds = ds.to_iter_dataset(read)
+  if num_workers:
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)
 
 
 def eval_batches(source, ops: str, global_batch_size: int,
@@ -64,15 +86,17 @@ def eval_batches(source, ops: str, global_batch_size: int,
   pipeline = transforms.parse_pipeline(ops)
   local = local_batch_size(global_batch_size)
   num_batches = -(-len(source) // global_batch_size)
-  template = _select(MODEL_KEYS)(pipeline(source[0], np.random.default_rng(0)))
-  blank = {"image": np.zeros_like(template["image"]),
-           "label": np.full_like(template["label"], ignore_index)}
-  mine = process_slice(source).random_map(pipeline, seed=0).map(_select(MODEL_KEYS))
+  first = pipeline(source[0], np.random.default_rng(0))
+  keys = MODEL_KEYS + tuple(k for k in SIZE_KEYS if k in first)
+  template = _select(keys)(first)
+  blank = {k: np.zeros_like(v) for k, v in template.items()}
+  blank["label"] = np.full_like(template["label"], ignore_index)
+  mine = process_slice(source).random_map(pipeline, seed=0).map(_select(keys))
   it = iter(mine.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
   for _ in range(num_batches):
     examples = [e for e, _ in zip(it, range(local))]
     examples += [blank] * (local - len(examples))
-    yield {k: np.stack([e[k] for e in examples]) for k in MODEL_KEYS}
+    yield {k: np.stack([e[k] for e in examples]) for k in keys}
 
 
 def to_global(local_batch: Dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> Any:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from segjax.inference import predict_at_original_size
 from segjax.layers import resize_bilinear
 from segjax.losses import pixel_cross_entropy
 from segjax.metrics import confusion_matrix
@@ -78,8 +79,17 @@ def predict(state: TrainState, images: jax.Array, *, model: nn.Module) -> jax.Ar
 
 def eval_step(state: TrainState, batch: Dict[str, jax.Array], confusion: jax.Array, *,
               model: nn.Module, num_classes: int, ignore_index: int) -> Tuple[jax.Array, Any]:
-  """Adds the batch to the running confusion matrix; also returns predictions."""
-  logits, labels = align(predict(state, batch["image"], model=model),
-                         batch["label"].astype(jnp.int32), model)
-  predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  """Adds the batch to the running confusion matrix; also returns predictions.
+
+  With `resized_size` and `original_size` in the batch (a test-time resize that
+  kept the labels at their original size) predictions are made at that size.
+  """
+  logits = predict(state, batch["image"], model=model)
+  labels = batch["label"].astype(jnp.int32)
+  if "original_size" in batch:
+    predictions = predict_at_original_size(logits, batch["resized_size"],
+                                           batch["original_size"], labels.shape[1:3])
+  else:
+    logits, labels = align(logits, labels, model)
+    predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return confusion + confusion_matrix(predictions, labels, num_classes, ignore_index), predictions

@@ -100,8 +100,13 @@ def evaluate(state, eval_fn, dataset: DatasetSpec, config, batch_sharding, repli
       first = (local, multihost_utils.process_allgather(predictions, tiled=True))
   metrics = segmentation_metrics(np.asarray(jax.device_get(confusion)))
   if jax.process_index() == 0 and first is not None:
-    local, predictions = first
-    image = visualization.panel(local["image"], local["label"], predictions, dataset.palette,
+    images, labels, predictions = first[0]["image"], first[0]["label"], first[1]
+    if "original_size" in first[0]:  # show only each example's valid region
+      rows = [(x[:r[0], :r[1]], y[:o[0], :o[1]], p[:o[0], :o[1]]) for x, y, p, r, o in zip(
+          images, labels, predictions, first[0]["resized_size"], first[0]["original_size"])
+              if o.min() > 0]  # blank padding examples have size 0
+      images, labels, predictions = zip(*rows)
+    image = visualization.panel(images, labels, predictions, dataset.palette,
                                 dataset.ignore_index, config.data.mean, config.data.std)
     os.makedirs(os.path.join(workdir, "predictions"), exist_ok=True)
     visualization.save_png(os.path.join(workdir, "predictions", f"step_{step:07d}.png"), image)
@@ -130,7 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       model, tx, init_rng, (1,) + example["image"], mesh, config.mesh.param_rules,
       config.model.init_from)
   train_iter = pipeline.train_iterator(train_source, train_ops, config.data.batch_size,
-                                       config.seed, config.data.num_threads)
+                                       config.seed, config.data.num_threads,
+                                       config.data.num_workers)
 
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   record = checkpointing.model_record(config.model.name, dataset.num_classes, state.params)
@@ -196,4 +202,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     manager.wait_until_finished()
     manager.close()
     writer.close()
+    if hasattr(train_iter, "close"):  # stops grain worker processes
+      train_iter.close()
   return {"state": state, **eval_metrics}
