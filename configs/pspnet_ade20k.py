@@ -5,7 +5,8 @@ BatchNorm, pyramid pooling bins (1, 2, 3, 6) to 512 channels with dropout 0.1,
 auxiliary FCN head on stage 3 with loss weight 0.4; SGD lr 0.01, momentum 0.9,
 weight decay 5e-4, poly power 0.9 to 1e-4; batch 16. The data recipe (label 0
 -> ignore, random resize of (2048, 512) by 0.5-2.0, 512x512 crop with
-cat_max_ratio 0.75, flip, photometric distortion, pad) is in the ops below.
+cat_max_ratio 0.75, flip, photometric distortion, pad; at test time resize to
+(2048, 512) keeping the ratio and score at the original size) is in the ops below.
 
 Variants: `` (the full recipe; needs ADE20K), `160k`, and `smoke`: the same
 PSPNet scaled down (ResNet-18 layout at width 8, 16-channel PPM branches) on the
@@ -32,7 +33,11 @@ def get_config(variant: str = ""):
       "reduce_zero_label|random_resize(scale=(2048, 512), ratio_range=(0.5, 2.0))|"
       "random_crop(size=(512, 512), cat_max_ratio=0.75)|random_flip(prob=0.5)|"
       "photometric_distortion|pad(size=(512, 512))")
-  config.data.eval_ops = "reduce_zero_label|resize(scale=(2048, 512))|pad(size=(2048, 2048))"
+  # Whole-image test at the recipe's scale, scored at each image's original size:
+  # the image is resized keeping its ratio to (2048, 512) and padded to 2048x2048
+  # (the only static shape every such resize fits); labels keep their size.
+  config.data.eval_ops = ("reduce_zero_label|resize(scale=(2048, 512), resize_labels=False)|"
+                          "pad(size=(2048, 2048), label_size=(2048, 2048))")
   config.data.batch_size = 16
   config.data.eval_batch_size = 8
 

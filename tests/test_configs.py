@@ -1,0 +1,49 @@
+"""Every config and variant builds: its model and options exist, its dataset is
+registered with a matching number of classes, and its ops parse."""
+import importlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from segjax.data import sources, transforms
+from segjax.models import build_model
+
+CONFIGS = {
+    "unet_shapes": ("", "smoke"),
+    "pspnet_ade20k": ("", "160k", "smoke"),
+    "deeplabv3_ade20k": ("", "160k", "smoke"),
+    "deeplabv3plus_voc": ("", "40k", "smoke"),
+    "deeplabv3plus_cityscapes": ("", "40k", "smoke"),
+    "fcn8s_voc": ("", "smoke"),
+    "segnet_camvid": ("", "smoke"),
+    "unet_cityscapes": ("", "smoke"),
+}
+
+
+def _class_names(name):
+  if name == "segjax_shapes":
+    from segjax.data import shapes
+    return shapes.CLASS_NAMES
+  return sources.archive_dataset(name).class_names
+
+
+@pytest.mark.parametrize("module,variant", [(m, v) for m, vs in CONFIGS.items() for v in vs])
+def test_config_builds(module, variant):
+  config = importlib.import_module(f"configs.{module}").get_config(variant)
+  assert config.data.name in sources.DATASETS.names()
+  num_classes = len(_class_names(config.data.name))
+  assert not config.loss.class_weights or len(config.loss.class_weights) == num_classes
+  for ops in (config.data.train_ops, config.data.eval_ops):
+    transforms.parse_pipeline(ops)
+  model = build_model(config.model.name, num_classes, config.model.options)
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  if config.model.name != "unet_valid":
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    assert "params" in shapes
+
+
+def test_unknown_variant_names_the_choices():
+  for module in CONFIGS:
+    with pytest.raises(ValueError, match="Unknown variant 'nope'"):
+      importlib.import_module(f"configs.{module}").get_config("nope")
