@@ -250,3 +250,27 @@ def test_inconsistent_gtfine_is_rejected(tmp_path):
         zf.writestr(name, data)
   message = _prepare_error(tmp_path, SCENES, break_labels)
   assert "aachen_000000_000019_gtFine_instanceIds.png" in message and "pixels" in message
+
+
+def test_records_feed_the_instance_training_pipeline(prepared):
+  """Builder records through the instance ops to static shapes: the box of every
+  valid row holds its mask (crops clip boxes as detectron2 does, so a clipped box
+  of a non-convex mask need not be tight), and masks lie on their class in `label`."""
+  ops = ("squeeze_labels|unpack_instances|random_resize(scale=(64, 32), ratio_range=(0.8, 1.5))|"
+         "random_crop(size=(24, 40))|random_flip|pad_instances(max_instances=6, max_segments=12)")
+  pipeline = transforms.parse_pipeline(ops)
+  dataset, _ = prepared
+  for seed, record in enumerate(list(dataset.source("train")) * 3):
+    out = pipeline(record, np.random.default_rng(seed))
+    assert out["masks"].shape == (6, 24, 40) and out["boxes"].shape == (6, 4)
+    assert out["segment_ids"].shape == (12,)
+    for mask, box, cls, valid in zip(out["masks"], out["boxes"], out["classes"],
+                                     out["instance_valid"]):
+      if not valid:
+        assert not mask.any() and not box.any()
+        continue
+      ys, xs = np.nonzero(mask)
+      assert box[0] <= xs.min() + 1 and box[1] <= ys.min() + 1
+      assert box[2] >= xs.max() and box[3] >= ys.max()
+      assert box[2] <= 40 and box[3] <= 24
+      assert np.all(out["label"][mask > 0] == cls)
