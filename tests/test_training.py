@@ -108,7 +108,7 @@ def test_cli_smoke_trains_and_loss_falls(data_dir, tmp_path):
     (["--config", "configs/unet_shapes.py:smoke", "--config.data.name=voc"],
      r"Unknown dataset 'voc'"),
     (["--config", "configs/unet_shapes.py:tiny"], "Unknown variant 'tiny'"),
-    (["--config", "configs/pspnet_ade20k.py"], "put ADEChallengeData2016.zip"),
+    (["--config", "configs/pspnet_ade20k.py"], r"missing:\n +/\S+/ADEChallengeData2016.zip: "),
 ])
 def test_cli_bad_config_stops_with_one_sentence(data_dir, tmp_path, args, message):
   result = _train_cli(*args, "--workdir", str(tmp_path / "w"),
