@@ -107,3 +107,26 @@ def test_perfect_predictions_give_one():
   m = segmentation_metrics(np.asarray(confusion_matrix(jnp.asarray(np.where(
       labels == 255, 0, labels)), jnp.asarray(labels), 3)))
   assert m["mIoU"] == 1.0 and m["aAcc"] == 1.0 and m["mAcc"] == 1.0
+
+
+def test_dice_precision_recall_fscore_match_pixel_counts():
+  """mmseg's mDice/mFscore family, recomputed from boolean masks per class."""
+  rng = np.random.default_rng(7)
+  labels = rng.integers(0, 4, (3, 9, 11))
+  labels[:, :2] = 255
+  preds = np.where(rng.random(labels.shape) < 0.6, labels, rng.integers(0, 4, labels.shape))
+  preds[preds == 255] = 0
+  m = segmentation_metrics(np.asarray(confusion_matrix(jnp.asarray(preds), jnp.asarray(labels),
+                                                       5)))
+  valid = labels != 255
+  for c in range(4):
+    tp = np.sum((preds == c) & (labels == c) & valid)
+    pred_c, label_c = np.sum((preds == c) & valid), np.sum((labels == c) & valid)
+    p, r = tp / pred_c, tp / label_c
+    np.testing.assert_allclose(m["Dice"][c], 2 * tp / (pred_c + label_c), rtol=1e-12)
+    np.testing.assert_allclose(m["Precision"][c], p, rtol=1e-12)
+    np.testing.assert_allclose(m["Recall"][c], r, rtol=1e-12)
+    np.testing.assert_allclose(m["Fscore"][c], 2 * p * r / (p + r), rtol=1e-12)
+  assert np.isnan(m["Dice"][4])  # class 4 never occurs: left out of the means
+  np.testing.assert_allclose(m["mDice"], np.mean(m["Dice"][:4]), rtol=1e-12)
+  np.testing.assert_allclose(m["mFscore"], np.mean(m["Fscore"][:4]), rtol=1e-12)

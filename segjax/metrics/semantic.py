@@ -22,11 +22,14 @@ def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int
   return counts.reshape(num_classes, num_classes)
 
 
-def segmentation_metrics(confusion: np.ndarray) -> Dict[str, np.ndarray]:
-  """mIoU, aAcc, mAcc and per-class IoU/Acc from a confusion matrix.
+def segmentation_metrics(confusion: np.ndarray, beta: float = 1.0) -> Dict[str, np.ndarray]:
+  """mmsegmentation's IoUMetric numbers from a confusion matrix.
 
-  Classes absent from both labels and predictions have IoU NaN and are left out
-  of the mean (nanmean), as in mmsegmentation.
+  Per class: IoU = I / U, Acc = I / label area (also `Recall`), Dice = 2 I /
+  (label area + prediction area), Precision = I / prediction area, Fscore =
+  (1 + beta^2) P R / (beta^2 P + R). Means (mIoU, mAcc, mDice, mPrecision,
+  mRecall, mFscore) are nanmeans: a class absent from both labels and
+  predictions has NaN and is left out. aAcc = total I / total labelled pixels.
   """
   confusion = np.asarray(confusion, np.float64)
   intersection = np.diag(confusion)
@@ -34,12 +37,16 @@ def segmentation_metrics(confusion: np.ndarray) -> Dict[str, np.ndarray]:
   pred_area = confusion.sum(axis=0)
   union = label_area + pred_area - intersection
   with np.errstate(invalid="ignore", divide="ignore"):
-    iou = intersection / union
-    acc = intersection / label_area
+    per_class = {"IoU": intersection / union, "Acc": intersection / label_area,
+                 "Dice": 2 * intersection / (label_area + pred_area),
+                 "Precision": intersection / pred_area, "Recall": intersection / label_area}
+    precision, recall = per_class["Precision"], per_class["Recall"]
+    per_class["Fscore"] = (1 + beta**2) * precision * recall / (beta**2 * precision + recall)
     aacc = intersection.sum() / label_area.sum()
-  return {"mIoU": np.nanmean(iou) if np.any(union > 0) else np.nan,
-          "aAcc": aacc, "mAcc": np.nanmean(acc) if np.any(label_area > 0) else np.nan,
-          "IoU": iou, "Acc": acc}
+  metrics = {"aAcc": aacc, **per_class}
+  for name, values in per_class.items():
+    metrics[f"m{name}"] = np.nanmean(values) if np.any(~np.isnan(values)) else np.nan
+  return metrics
 
 
 def format_iou_table(metrics: Dict[str, np.ndarray], class_names: Sequence[str]) -> str:
