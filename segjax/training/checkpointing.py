@@ -7,7 +7,7 @@ workdir is restored; one written by a different model is refused with a
 sentence saying so instead of failing deep inside the restore.
 """
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import grain
 import jax
@@ -29,8 +29,12 @@ def model_record(model_name: str, num_classes: int, params) -> Dict[str, Any]:
 def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   """Keeps the `keep` latest checkpoints; the trainer decides when to save."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  return _manager(os.path.join(os.path.abspath(workdir), "checkpoints"), options)
+
+
+def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      directory, options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "data": grain.checkpoint.CheckpointHandler(),
                      "meta": ocp.JsonCheckpointHandler()})
@@ -69,3 +73,34 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
       state=ocp.args.StandardRestore(abstract_state),
       data=grain.checkpoint.CheckpointRestore(data_iterator)))
   return restored["state"]
+
+
+def restore_state(path: str, abstract_state, record) -> Tuple[Any, int]:
+  """The train state of a checkpoint, for evaluation or prediction.
+
+  `path` is a training workdir (its latest checkpoint), its `checkpoints`
+  folder, or one step's folder inside it (e.g. runs/x/checkpoints/4000).
+  Returns (state, step).
+  """
+  path = os.path.abspath(path)
+  step = None
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  elif os.path.basename(path).isdigit():
+    path, step = os.path.dirname(path), int(os.path.basename(path))
+  if not os.path.isdir(path):
+    raise ValueError(f"--checkpoint {path} does not exist; give a training workdir, its "
+                     "checkpoints folder or one step folder inside it.")
+  manager = _manager(path, ocp.CheckpointManagerOptions(create=False, read_only=True))
+  steps = manager.all_steps()
+  if step is None:
+    step = manager.latest_step()
+  if step is None or step not in steps:
+    raise ValueError(f"No checkpoint{'' if step is None else f' of step {step}'} in {path}; "
+                     f"its steps are {sorted(steps)}.")
+  found = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  check_record(found, record, path)
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state)))["state"]
+  manager.close()
+  return state, step

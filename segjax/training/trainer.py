@@ -9,7 +9,7 @@ checkpoints, TensorBoard scalars, `metrics.jsonl` and prediction panels.
 import functools
 import os
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -37,17 +37,39 @@ def create_train_state(model, tx, rng: jax.Array, input_shape: Tuple[int, ...], 
   Initialised in training mode so that train-only parts (auxiliary heads) get
   their parameters too.
   """
-  def init(rng):
-    variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape, jnp.float32),
-                           train=True)
-    return TrainState.create(variables["params"], variables.get("batch_stats", {}), tx)
-
-  abstract = jax.eval_shape(init, rng)
-  state_shardings = sharding.tree_shardings(abstract, mesh, param_rules)
+  init = _state_initializer(model, tx, input_shape)
+  state_shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh, param_rules)
   state = jax.jit(init, out_shardings=state_shardings)(rng)
   if init_from:
     state = load_pretrained(state, tx, init_from, state_shardings)
   return state, state_shardings
+
+
+def _state_initializer(model, tx, input_shape: Tuple[int, ...]):
+  def init(rng):
+    variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape, jnp.float32),
+                           train=True)
+    return TrainState.create(variables["params"], variables.get("batch_stats", {}), tx)
+  return init
+
+
+def abstract_train_state(model, tx, input_shape: Tuple[int, ...], mesh,
+                         param_rules) -> Tuple[Any, Any]:
+  """Shapes, dtypes and shardings of the train state, without computing it (to
+  restore a checkpoint into); returns (abstract state, shardings)."""
+  abstract = jax.eval_shape(_state_initializer(model, tx, input_shape), jax.random.key(0))
+  shardings = sharding.tree_shardings(abstract, mesh, param_rules)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings), shardings
+
+
+def make_eval_fn(model, dataset: DatasetSpec, state_shardings, batch_sharding, replicated):
+  """The jitted `eval_step`: (state, batch, confusion) -> (confusion, predictions)."""
+  return jax.jit(
+      functools.partial(steps.eval_step, model=model, num_classes=dataset.num_classes,
+                        ignore_index=dataset.ignore_index),
+      in_shardings=(state_shardings, batch_sharding, replicated),
+      out_shardings=(replicated, batch_sharding), donate_argnums=(2,))
 
 
 def load_pretrained(state: TrainState, tx, path: str, state_shardings) -> TrainState:
@@ -87,8 +109,9 @@ def data_ops(config: ml_collections.ConfigDict, ops: str, dataset: DatasetSpec) 
 
 
 def evaluate(state, eval_fn, dataset: DatasetSpec, config, batch_sharding, replicated,
-             workdir: str, step: int) -> Dict[str, Any]:
-  """Runs a full pass over the eval split; returns metrics and writes a panel PNG."""
+             workdir: Optional[str], step: int) -> Dict[str, Any]:
+  """Runs a full pass over the eval split; returns metrics and, with a
+  `workdir`, writes a panel PNG to its predictions/ folder."""
   source = dataset.source(config.data.eval_split)
   confusion = jax.device_put(jnp.zeros((dataset.num_classes,) * 2, jnp.int32), replicated)
   first = None
@@ -99,7 +122,7 @@ def evaluate(state, eval_fn, dataset: DatasetSpec, config, batch_sharding, repli
     if first is None:
       first = (local, multihost_utils.process_allgather(predictions, tiled=True))
   metrics = segmentation_metrics(np.asarray(jax.device_get(confusion)))
-  if jax.process_index() == 0 and first is not None:
+  if workdir and jax.process_index() == 0 and first is not None:
     images, labels, predictions = first[0]["image"], first[0]["label"], first[1]
     if "original_size" in first[0]:  # show only each example's valid region
       rows = [(x[:r[0], :r[1]], y[:o[0], :o[1]], p[:o[0], :o[1]]) for x, y, p, r, o in zip(
@@ -152,11 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                         aux_weight=config.loss.aux_weight),
       in_shardings=(state_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  eval_fn = jax.jit(
-      functools.partial(steps.eval_step, model=model, num_classes=dataset.num_classes,
-                        ignore_index=dataset.ignore_index),
-      in_shardings=(state_shardings, batch_sharding, replicated),
-      out_shardings=(replicated, batch_sharding), donate_argnums=(2,))
+  eval_fn = make_eval_fn(model, dataset, state_shardings, batch_sharding, replicated)
 
   writer = MetricWriter(workdir)
   start_step = int(state.step)

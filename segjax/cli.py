@@ -1,0 +1,62 @@
+"""What train.py, eval.py and predict.py share: --config parsing whose mistakes
+are one sentence, and configuration or data problems reported without a
+traceback."""
+import re
+import sys
+from typing import Callable
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
+                                         lock_config=True)
+
+
+def _flag_error(error: BaseException, argv) -> str:
+  """One sentence for a mistake in --config or a --config.* override."""
+  text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
+  if "Traceback" in text:  # raised inside the config file's get_config
+    text = text.rsplit("Error: ", 1)[-1]
+  unknown = re.match(r"^[\"']*(\w+)[\"']*\s*(Did you mean .*)?$", text)
+  if unknown:
+    key, hint = unknown.groups()
+    flag = next((a.split("=")[0] for a in argv[1:]
+                 if a.startswith("--config.") and key in a.split("=")[0].split(".")), "")
+    text = f"unknown config key {key!r}" + (f" in {flag}" if flag else "") + (
+        f"; {hint[0].lower()}{hint[1:].rstrip(chr(39) + '?')}?" if hint else "")
+  return f"error: {text}"
+
+
+def parse_flags(argv):
+  """absl flag parsing, with config-file and override mistakes as one sentence."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    sys.exit(_flag_error(e.__cause__ or e, argv))
+
+
+def load_config():
+  """The --config value, or exit with a sentence if it cannot be loaded."""
+  try:
+    config = CONFIG.value
+    missing = [k for k in ("model", "data", "loss", "optimizer", "mesh") if k not in config]
+  except OSError:
+    sys.exit(f"error: cannot load the config file {flags.FLAGS['config'].config_filename!r}; "
+             "check the path (e.g. configs/unet_shapes.py) and that it defines get_config().")
+  if missing:
+    sys.exit(f"error: the config has no section(s) {missing}; build it on "
+             "configs/default.get_config().")
+  return config
+
+
+def run(command: Callable[[], None]) -> None:
+  """Runs `command`; configuration and data problems exit with one sentence."""
+  # Imported here so that flag errors are reported before jax starts.
+  from segjax.data.sources import DatasetNotFoundError
+  from segjax.training.checkpointing import CheckpointMismatchError
+  logging.set_verbosity(logging.WARNING)
+  try:
+    command()
+  except (DatasetNotFoundError, CheckpointMismatchError, KeyError, ValueError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    sys.exit(f"error: {message}")
