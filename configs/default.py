@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_workers = 0
 
   config.loss = ml_collections.ConfigDict()
+  # Weighted terms by name (segjax/losses/registry.py), e.g.
+  # ({"name": "cross_entropy", "weight": 1.0, "label_smoothing": 0.1},
+  #  {"name": "dice", "weight": 0.5}); an auxiliary head gets the same terms.
+  config.loss.terms = ({"name": "cross_entropy", "weight": 1.0},)
   # Per-class weights of the cross-entropy (mmseg's class_weight); () = all 1.
   config.loss.class_weights = ()
   config.loss.aux_weight = 0.4  # weight of an auxiliary head's loss (PSPNet, DeepLabV3)
@@ -61,6 +65,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 500
   config.checkpoint_every = 250
   config.keep_checkpoints = 2
+
+  # eval.py / predict.py. mode "batched": the data.eval_ops pipeline in batches,
+  # as during training; "whole" / "slide": one image at a time, any size,
+  # predicted at its original resolution (see segjax/inference/semantic.py).
+  config.inference = ml_collections.ConfigDict()
+  config.inference.mode = "batched"  # batched | whole | slide
+  config.inference.scale = (0, 0)  # keep-ratio test resize (w, h), mmseg's order; 0 = none
+  config.inference.window = (512, 512)  # slide: window (h, w)
+  config.inference.stride = (341, 341)  # slide: stride (h, w)
+  config.inference.window_batch = 4  # slide: windows per compiled batch
+  config.inference.scales = (1.0,)  # test-time augmentation: ratios of `scale`
+  config.inference.flip = False  # test-time augmentation: add horizontal flips
+  config.inference.label_ops = ""  # whole/slide: ops on the label only, e.g. reduce_zero_label
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.axes = (("data", -1),)  # (name, size); -1 = all remaining devices

@@ -130,3 +130,25 @@ def test_dice_precision_recall_fscore_match_pixel_counts():
   assert np.isnan(m["Dice"][4])  # class 4 never occurs: left out of the means
   np.testing.assert_allclose(m["mDice"], np.mean(m["Dice"][:4]), rtol=1e-12)
   np.testing.assert_allclose(m["mFscore"], np.mean(m["Fscore"][:4]), rtol=1e-12)
+
+
+def test_unet_weights_op_feeds_the_train_step():
+  """The op's map peaks in the gap between two instances, and the loss the
+  train step builds weighs pixels by it."""
+  from segjax.data import transforms
+  from segjax.losses import build_loss
+  ids = np.zeros((16, 16), np.int32)
+  ids[2:7, 2:7], ids[2:7, 8:13] = 1, 2  # two squares with a 1-pixel gap
+  example = {"image": np.zeros((16, 16, 3), np.uint8), "instance_ids": ids,
+             "label": (ids > 0).astype(np.uint8)}
+  out = transforms.parse_pipeline("unet_weights(w0=10.0, sigma=5.0)")(
+      example, np.random.default_rng(0))
+  weights = out["pixel_weights"]
+  assert weights.shape == (16, 16) and weights.dtype == np.float32
+  assert weights[4, 7] == weights.max() > weights[15, 15]  # the gap between the squares
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(1, 16, 16, 2)), jnp.float32)
+  labels = jnp.asarray(example["label"][None], jnp.int32)
+  loss_fn = build_loss([{"name": "cross_entropy", "weight": 1.0}])
+  plain, _ = loss_fn(logits, labels, 255)
+  weighted, _ = loss_fn(logits, labels, 255, None, jnp.asarray(weights[None]))
+  assert not np.isclose(float(plain), float(weighted))

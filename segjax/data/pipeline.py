@@ -18,6 +18,8 @@ import numpy as np
 from segjax.data import transforms
 
 MODEL_KEYS = ("image", "label")
+# Training keys batched when the ops make them (`unet_weights`).
+OPTIONAL_TRAIN_KEYS = ("pixel_weights",)
 # Eval-only keys a test-time `resize(resize_labels=False)` adds, so predictions
 # can be scored against labels at their original size.
 SIZE_KEYS = ("original_size", "resized_size")
@@ -42,8 +44,9 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
-def _select(keys):
-  return lambda example: {k: example[k] for k in keys}
+def _select(keys, optional=()):
+  return lambda example: {k: example[k] for k in keys + tuple(k for k in optional
+                                                              if k in example)}
 
 
 def example_shapes(source, ops: str) -> Dict[str, tuple]:
@@ -63,7 +66,7 @@ def train_iterator(source, ops: str, global_batch_size: int, seed: int,
                      f"{num_workers} and {num_threads}.")
   pipeline = transforms.parse_pipeline(ops)
   ds = process_slice(source).shuffle(seed=seed).repeat()
-  ds = ds.random_map(pipeline, seed=seed).map(_select(MODEL_KEYS))
+  ds = ds.random_map(pipeline, seed=seed).map(_select(MODEL_KEYS, OPTIONAL_TRAIN_KEYS))
   ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
   ds = ds.to_iter_dataset(read)

@@ -774,6 +774,26 @@ def check_image() -> Op:
   return fn
 
 
+@PREPROCESS_OPS.register("unet_weights")
+def unet_weights(w0: float = 10.0, sigma: float = 5.0, ignore_index: int = 255) -> Op:
+  """U-Net's per-pixel loss weights from `instance_ids` (and `label` for the class
+  balance), stored as `pixel_weights` (H, W) float32 for the losses that take
+  them (see `segjax.losses.unet_weight_map`). Put it after the geometric ops
+  (weights are not moved by them) and before `normalize`."""
+  _check(_is_number(w0) and w0 >= 0, "unet_weights", "w0", "a number >= 0", w0)
+  _check(_is_number(sigma) and sigma > 0, "unet_weights", "sigma", "a number > 0", sigma)
+  from segjax.losses.unet_weights import unet_weight_map
+
+  def fn(example, rng):
+    del rng
+    instance_ids = _require(example, "instance_ids", "unet_weights")
+    out = dict(example)
+    out["pixel_weights"] = unet_weight_map(instance_ids, example.get("label"), w0=w0,
+                                           sigma=sigma, ignore_index=ignore_index)
+    return out
+  return fn
+
+
 @PREPROCESS_OPS.register("keep")
 def keep(keys) -> Op:
   """Keeps only `keys`, e.g. to drop strings and ids before batching."""

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from segjax import visualization
 from segjax.data import pipeline
 from segjax.data.sources import DatasetSpec, get_dataset
+from segjax.losses import build_loss
 from segjax.metrics import format_iou_table, segmentation_metrics
 from segjax.models import build_model
 from segjax.training import checkpointing, optimizers, sharding, steps
@@ -146,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                       config.model.dtype, config.model.param_dtype)
   tx, schedule = optimizers.create_optimizer(config.optimizer, config.total_steps)
   class_weights = tuple(config.loss.class_weights) or None
+  loss_fn = build_loss(config.loss.terms)
   if class_weights and len(class_weights) != dataset.num_classes:
     raise ValueError(f"loss.class_weights has {len(class_weights)} entries but dataset "
                      f"{dataset.name!r} has {dataset.num_classes} classes.")
@@ -171,7 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   train_fn = jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                        ignore_index=dataset.ignore_index, class_weights=class_weights,
+                        ignore_index=dataset.ignore_index, loss_fn=loss_fn,
+                        class_weights=class_weights,
                         aux_weight=config.loss.aux_weight),
       in_shardings=(state_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
