@@ -1,0 +1,182 @@
+"""What eval.py and predict.py do: restore a trained model from its checkpoint,
+score it on a split, or label new images.
+
+Evaluation runs in one of the `config.inference.mode`s: "batched" feeds the
+eval split through `data.eval_ops` in static batches exactly as training's
+evaluation does; "whole" and "slide" run `SemanticPredictor` on one image at a
+time at any size (with test-time scales and flips) and score the prediction at
+the label's original resolution.
+"""
+import glob
+import json
+import os
+from typing import Any, Dict, List
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+from tqdm import tqdm
+
+from segjax import visualization
+from segjax.data import pipeline, transforms
+from segjax.data.sources import DatasetSpec, get_dataset
+from segjax.inference.semantic import SemanticPredictor
+from segjax.metrics import confusion_matrix, segmentation_metrics
+from segjax.models import build_model
+from segjax.training import checkpointing, optimizers, sharding, trainer
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def restore(config: ml_collections.ConfigDict, checkpoint: str):
+  """(dataset, model, state, step, mesh, state shardings) of a trained checkpoint."""
+  dataset = get_dataset(config.data.name, config.data.data_dir, config.data.manual_dir)
+  mesh = sharding.create_mesh(config.mesh.axes)
+  model = build_model(config.model.name, dataset.num_classes, config.model.options,
+                      config.model.dtype, config.model.param_dtype)
+  tx, _ = optimizers.create_optimizer(config.optimizer, config.total_steps)
+  train_ops = trainer.data_ops(config, config.data.train_ops, dataset)
+  example = pipeline.example_shapes(dataset.source(config.data.train_split), train_ops)
+  abstract, shardings = trainer.abstract_train_state(model, tx, (1,) + example["image"], mesh,
+                                                     config.mesh.param_rules)
+  record = checkpointing.model_record(config.model.name, dataset.num_classes, abstract.params)
+  state, step = checkpointing.restore_state(checkpoint, abstract, record)
+  return dataset, model, state, step, mesh, shardings
+
+
+def make_predictor(config: ml_collections.ConfigDict, model, state,
+                   num_classes: int) -> SemanticPredictor:
+  """A `SemanticPredictor` with the config's inference settings."""
+  inference = config.inference
+  if inference.mode not in ("whole", "slide"):
+    raise ValueError(f"inference.mode {inference.mode!r} cannot label single images; use "
+                     "'whole' or 'slide'.")
+  scale = tuple(inference.scale) if min(inference.scale) > 0 else None
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return SemanticPredictor(
+      model, variables, num_classes, mean=tuple(config.data.mean), std=tuple(config.data.std),
+      mode=inference.mode, scale=scale, window=tuple(inference.window),
+      stride=tuple(inference.stride), window_batch=inference.window_batch,
+      scales=tuple(inference.scales), flip=inference.flip)
+
+
+def _per_image_confusion(config, dataset: DatasetSpec, predictor: SemanticPredictor):
+  """Confusion matrix of the predictor over the eval split, one image at a time."""
+  ops = "|".join(p for p in ("squeeze_labels", "check_image", config.inference.label_ops,
+                             f"check_labels(num_classes={dataset.num_classes}, "
+                             f"ignore_index={dataset.ignore_index})") if p)
+  prepare = transforms.parse_pipeline(ops)
+  source = pipeline.process_slice(dataset.source(config.data.eval_split))
+  confusion = np.zeros((dataset.num_classes,) * 2, np.int64)
+  count = jax.jit(confusion_matrix, static_argnums=(2, 3))
+  for i in tqdm(range(len(source)), unit="image", disable=jax.process_index() != 0):
+    example = prepare(source[i], np.random.default_rng(0))
+    prediction = predictor.predict(example["image"])
+    confusion += np.asarray(count(prediction, example["label"], dataset.num_classes,
+                                  dataset.ignore_index))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    confusion = multihost_utils.process_allgather(confusion).sum(0)
+  return confusion
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
+                        output: str = "") -> Dict[str, Any]:
+  """Scores a checkpoint on `data.eval_split`; writes the metrics as JSON to `output`."""
+  dataset, model, state, step, mesh, shardings = restore(config, checkpoint)
+  if config.inference.mode == "batched":
+    batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
+    replicated = NamedSharding(mesh, P())
+    eval_fn = trainer.make_eval_fn(model, dataset, shardings, batch_sharding, replicated)
+    panel_dir = os.path.dirname(os.path.abspath(output)) if output else None
+    metrics = trainer.evaluate(state, eval_fn, dataset, config, batch_sharding, replicated,
+                               panel_dir, step)
+  else:
+    predictor = make_predictor(config, model, state, dataset.num_classes)
+    metrics = segmentation_metrics(_per_image_confusion(config, dataset, predictor))
+  metrics = {"step": step, "split": config.data.eval_split, "mode": config.inference.mode,
+             **metrics}
+  if output and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+      json.dump(_jsonable(metrics, dataset.class_names), f, indent=1)
+  return metrics
+
+
+def _jsonable(metrics: Dict[str, Any], class_names) -> Dict[str, Any]:
+  """Scalars as floats (NaN as null) and per-class arrays as {class name: value}."""
+  def number(x):
+    return None if np.isnan(x) else float(x)
+  out = {}
+  for key, value in metrics.items():
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+      out[key] = {name: number(v) for name, v in zip(class_names, value)}
+    elif isinstance(value, (float, np.floating)):
+      out[key] = number(value)
+    else:
+      out[key] = value
+  return out
+
+
+def image_files(path: str) -> List[str]:
+  """`path` itself if it is an image, else the images directly inside it, sorted."""
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise ValueError(f"--input {path} is neither an image nor a folder.")
+  files = sorted(f for f in glob.glob(os.path.join(path, "*"))
+                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  if not files:
+    raise ValueError(f"--input folder {path} holds no {'/'.join(IMAGE_EXTENSIONS)} images.")
+  return files
+
+
+def read_image(path: str) -> np.ndarray:
+  """An RGB uint8 image, or a ValueError naming a file that is not one."""
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert("RGB"))
+  except (OSError, SyntaxError) as e:
+    raise ValueError(f"Cannot read {path} as an image ({e}); is it a corrupt or "
+                     "non-image file?") from e
+
+
+def label_png(labels: np.ndarray, palette: np.ndarray) -> Image.Image:
+  """A palette ("P" mode) PNG: pixel values are class ids, colours the dataset's
+  (ids beyond the classes, such as the ignore index, are black)."""
+  image = Image.fromarray(labels.astype(np.uint8), mode="P")
+  colours = np.zeros((256, 3), np.uint8)
+  colours[:len(palette)] = palette
+  image.putpalette(colours.reshape(-1).tolist())
+  return image
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, ignore_index: int,
+            alpha: float = 0.5) -> np.ndarray:
+  """The image blended with the colour-coded labels."""
+  colours = visualization.colorize(labels, palette, ignore_index).astype(np.float32)
+  return np.round((1 - alpha) * image + alpha * colours).astype(np.uint8)
+
+
+def predict_files(config: ml_collections.ConfigDict, checkpoint: str, input_path: str,
+                  output_dir: str) -> List[str]:
+  """Labels every input image; writes <stem>.png (class ids, palette) and
+  <stem>_overlay.jpg to `output_dir`; returns the written paths."""
+  files = image_files(input_path)
+  dataset, model, state, _, _, _ = restore(config, checkpoint)
+  predictor = make_predictor(config, model, state, dataset.num_classes)
+  os.makedirs(output_dir, exist_ok=True)
+  written = []
+  for path in tqdm(files, unit="image"):
+    image = read_image(path)
+    labels = np.asarray(predictor.predict(image))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    label_path = os.path.join(output_dir, f"{stem}.png")
+    overlay_path = os.path.join(output_dir, f"{stem}_overlay.jpg")
+    label_png(labels, dataset.palette).save(label_path)
+    Image.fromarray(overlay(image, labels, dataset.palette, dataset.ignore_index)).save(
+        overlay_path, quality=90)
+    written += [label_path, overlay_path]
+  return written
