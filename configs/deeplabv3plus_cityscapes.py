@@ -30,6 +30,7 @@ def get_config(variant: str = ""):
     config.data.eval_ops = "resize(scale=(2048, 1024))"
     config.data.batch_size = 8
     config.data.eval_batch_size = 4
+    config.inference.scale = (2048, 1024)
     config.total_steps = 80_000 if variant == "" else 40_000
     config.eval_every = config.checkpoint_every = config.total_steps // 10
   config.lock()

@@ -37,6 +37,8 @@ def get_config(variant: str = ""):
   config.data.batch_size = 16
   config.data.eval_batch_size = 8
 
+  config.inference.scale = (2048, 512)  # whole/slide modes: the recipe's test resize
+
   config.optimizer.name = "sgd"
   config.optimizer.learning_rate = 0.01
   config.optimizer.min_learning_rate = 1e-4
@@ -65,6 +67,7 @@ def get_config(variant: str = ""):
 def _shapes_smoke(config) -> None:
   """A 40-step run on the embedded data, eval scored at the original size."""
   config.data.name = "segjax_shapes"
+  config.inference.scale = (0, 0)
   config.data.train_split = "train"
   config.data.train_ops = ("random_resize(scale=(128, 128), ratio_range=(0.5, 2.0))|"
                            "random_crop(size=(128, 128), cat_max_ratio=0.75)|"

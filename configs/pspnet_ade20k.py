@@ -41,6 +41,9 @@ def get_config(variant: str = ""):
   config.data.batch_size = 16
   config.data.eval_batch_size = 8
 
+  config.inference.scale = (2048, 512)  # whole/slide modes: the recipe's test resize
+  config.inference.label_ops = "reduce_zero_label"
+
   config.optimizer.name = "sgd"
   config.optimizer.learning_rate = 0.01
   config.optimizer.min_learning_rate = 1e-4
@@ -63,6 +66,8 @@ def get_config(variant: str = ""):
     config.model.options.head_channels = 16
     config.model.options.aux_channels = 8
     config.data.name = "segjax_shapes"
+    config.inference.scale = (0, 0)
+    config.inference.label_ops = ""
     config.data.train_ops = ("random_resize(scale=(128, 128), ratio_range=(0.5, 2.0))|"
                              "random_crop(size=(128, 128), cat_max_ratio=0.75)|"
                              "random_flip(prob=0.5)|photometric_distortion")

@@ -1,0 +1,39 @@
+"""Labels new images with a trained segjax checkpoint.
+
+  python predict.py --config configs/unet_shapes.py --checkpoint runs/unet_shapes \
+      --input photo.jpg --output out/
+  python predict.py --config configs/pspnet_ade20k.py --checkpoint runs/psp \
+      --input images/ --output out/ --config.inference.mode=slide
+
+For each image writes <name>.png (a palette PNG whose pixel values are class
+ids) and <name>_overlay.jpg (the image blended with the class colours), at the
+image's own size. `inference.mode` "batched" is trained-size evaluation only,
+so "whole" is used in its place.
+"""
+from absl import app, flags
+
+from segjax import cli
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Training workdir (its latest checkpoint), or one step's folder.")
+_INPUT = flags.DEFINE_string("input", None, "An image, or a folder of images.")
+_OUTPUT = flags.DEFINE_string("output", None, "Folder for the label PNGs and overlays.")
+flags.mark_flags_as_required(["config", "checkpoint", "input", "output"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = cli.load_config()
+
+  def predict():
+    from segjax.inference.commands import predict_files
+    if config.inference.mode == "batched":
+      config.inference.mode = "whole"
+    written = predict_files(config, _CHECKPOINT.value, _INPUT.value, _OUTPUT.value)
+    print(f"wrote {len(written)} files to {_OUTPUT.value}")
+  cli.run(predict)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
