@@ -241,7 +241,7 @@ def _hflip(example: Example) -> Example:
   return out
 
 
-def _keep_ratio_size(h: int, w: int, scale: Tuple[int, int]) -> Tuple[int, int]:
+def keep_ratio_size(h: int, w: int, scale: Tuple[int, int]) -> Tuple[int, int]:
   """mmcv `rescale_size`: the largest (h, w) of the same aspect ratio whose long
   side fits max(scale) and short side fits min(scale), rounded half up."""
   factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
@@ -407,7 +407,7 @@ def resize(scale, keep_ratio: bool = True, resize_labels: bool = True) -> Op:
   def fn(example, rng):
     del rng
     size = _aligned_size(example, "resize")
-    out_h, out_w = _keep_ratio_size(*size, scale) if keep_ratio else (scale[1], scale[0])
+    out_h, out_w = keep_ratio_size(*size, scale) if keep_ratio else (scale[1], scale[0])
     if resize_labels:
       return _resize(example, out_h, out_w)
     image = _require(example, "image", "resize(resize_labels=False)")
@@ -433,7 +433,7 @@ def random_resize(scale, ratio_range=(0.5, 2.0)) -> Op:
     ratio = rng.uniform(low, high)
     target = (int(scale[0] * ratio + 0.5), int(scale[1] * ratio + 0.5))
     size = _aligned_size(example, "random_resize")
-    return _resize(example, *_keep_ratio_size(*size, target))
+    return _resize(example, *keep_ratio_size(*size, target))
   return fn
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 _ROWS_PER_BLOCK = 32
 
 
-def _source_index(num_out: int, in_size: jax.Array, out_size: jax.Array):
+def bilinear_source_index(num_out: int, in_size: jax.Array, out_size: jax.Array):
   """PyTorch's bilinear source indices and weights (align_corners=False) for
   `num_out` outputs, of which the first `out_size` map onto `in_size` inputs."""
   scale = in_size.astype(jnp.float32) / jnp.maximum(out_size, 1).astype(jnp.float32)
@@ -30,10 +30,10 @@ def _source_index(num_out: int, in_size: jax.Array, out_size: jax.Array):
 def _one_image(logits, resized_size, original_size, output_shape):
   """(h, w, C) padded logits -> (H, W) int32 predictions."""
   out_h, out_w = output_shape
-  col_lo, col_hi, col_w = _source_index(out_w, resized_size[1], original_size[1])
+  col_lo, col_hi, col_w = bilinear_source_index(out_w, resized_size[1], original_size[1])
   num_blocks = -(-out_h // _ROWS_PER_BLOCK)
-  row_lo, row_hi, row_w = _source_index(num_blocks * _ROWS_PER_BLOCK, resized_size[0],
-                                        original_size[0])
+  row_lo, row_hi, row_w = bilinear_source_index(num_blocks * _ROWS_PER_BLOCK,
+                                                resized_size[0], original_size[0])
 
   def block(i):
     rows = jax.lax.dynamic_slice_in_dim(jnp.arange(num_blocks * _ROWS_PER_BLOCK),

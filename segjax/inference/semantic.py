@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.data.transforms import _keep_ratio_size
-from segjax.inference.original_size import _source_index
+from segjax.data.transforms import keep_ratio_size
+from segjax.inference.original_size import bilinear_source_index
 
 MODES = ("whole", "slide")
 
@@ -61,7 +61,7 @@ def resized_size(height: int, width: int, scale: Optional[Sequence[int]] = None,
     raise ValueError(f"Test-time scale {tuple(scale or (width, height))} x ratio {ratio} "
                      f"gives an empty target {target} for a {height}x{width} image; use "
                      "larger ratios.")
-  size = _keep_ratio_size(height, width, target)
+  size = keep_ratio_size(height, width, target)
   if min(size) < 1:
     raise ValueError(f"A {height}x{width} image resized to fit {target} would be empty "
                      f"({size[0]}x{size[1]}); use a larger scale or ratio.")
@@ -124,8 +124,8 @@ def _add_probabilities(total, logits, in_size, out_size, *, resize: bool, flip: 
   `out_size` of the result is meaningful."""
   out_h, out_w = total.shape[:2]
   if resize:
-    row_lo, row_hi, row_w = _source_index(out_h, in_size[0], out_size[0])
-    col_lo, col_hi, col_w = _source_index(out_w, in_size[1], out_size[1])
+    row_lo, row_hi, row_w = bilinear_source_index(out_h, in_size[0], out_size[0])
+    col_lo, col_hi, col_w = bilinear_source_index(out_w, in_size[1], out_size[1])
     weight = row_w[:, None, None]
     logits = logits[row_lo] * (1 - weight) + logits[row_hi] * weight
     weight = col_w[None, :, None]
