@@ -8,19 +8,20 @@ it lies on VOID plus the crowd region of its own class (all crowd segments of
 that class in the image; panopticapi keeps only the last one listed, which
 differs only when an image has several crowd segments of one class).
 
-Per image, each id map becomes per-pixel segment rows through one lookup in a
-per-thread 16 MiB byte table (binary search for ids >= 2^24 or > 254 segments),
-the whole (gt segment x predicted segment) intersection table is one 2-D
-histogram of the two row maps, and matching is done on that table: a few
-passes over the pixels, whatever the number of segments.
+Per image, the pixels are cut into raster-order runs of one (gt id, predicted id)
+pair (two compares per pixel; panoptic maps are piecewise constant, so runs are
+few), the runs' ids become segment rows by binary search, and one weighted
+histogram of the runs gives the whole (gt segment x predicted segment)
+intersection table; matching is done on that table. Maps with too many runs go
+pixel by pixel (a per-thread 16 MiB byte lookup table, then a 2-D histogram).
 `image_pq_stats` is the pure per-image step (per-class TP, FP, FN, IoU sum),
 `PQAccumulator` sums it over images in memory, and `pq_compute` reads COCO
-panoptic JSON + PNG files into the same accumulator, in several processes when
+panoptic JSON + PNG files into the same accumulator, in several threads when
 asked.
 """
+import concurrent.futures
 import dataclasses
 import json
-import multiprocessing
 import os
 import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -32,6 +33,8 @@ VOID = 0
 MATCH_IOU = 0.5
 IGNORE_FRACTION = 0.5
 _LUT_SIZE = 1 << 24
+# Pixel-by-pixel counting once the runs exceed 1 / _MAX_RUN_FRACTION of the pixels.
+_MAX_RUN_FRACTION = 8
 _lut_store = threading.local()
 
 Segment = Mapping[str, Any]
@@ -143,12 +146,17 @@ def _lookup_rows(id_map: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
       return lut.take(id_map)
     finally:
       lut[table_ids] = 0
-  if table_ids[-1] <= np.iinfo(id_map.dtype).max:
-    table_ids = table_ids.astype(id_map.dtype)  # Same dtypes: searchsorted copies nothing.
+  return _search_rows(id_map, table_ids)
+
+
+def _search_rows(ids: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
+  """`_lookup_rows` by binary search: for few ids or ids past the byte table."""
+  if table_ids[-1] <= np.iinfo(ids.dtype).max:
+    table_ids = table_ids.astype(ids.dtype)  # Same dtypes: searchsorted copies nothing.
   else:
-    id_map = id_map.astype(np.int64)
-  position = np.minimum(np.searchsorted(table_ids, id_map), len(table_ids) - 1)
-  return np.where(table_ids[position] == id_map, position + 1, 0)
+    ids = ids.astype(np.int64)
+  position = np.minimum(np.searchsorted(table_ids, ids), len(table_ids) - 1)
+  return np.where(table_ids[position] == ids, position + 1, 0)
 
 
 def _pair_counts(g_rows: np.ndarray, p_rows: np.ndarray, num_g: int,
@@ -164,6 +172,35 @@ def _pair_counts(g_rows: np.ndarray, p_rows: np.ndarray, num_g: int,
   combined *= num_p
   combined += p_rows.ravel()
   return np.bincount(combined, minlength=num_g * num_p).reshape(num_g, num_p)
+
+
+def _joint_counts(gt_ids: np.ndarray, pred_ids: np.ndarray, g_ids: np.ndarray,
+                  p_ids: np.ndarray) -> np.ndarray:
+  """(len(g_ids) + 1, len(p_ids) + 1) int64 pixel counts per (gt row + 1, predicted row + 1).
+
+  Row/column 0 counts ids missing from the tables. Panoptic maps are piecewise constant, so
+  the pixels are first cut into raster-order runs of one (gt id, predicted id) pair: two
+  compares per pixel, then the lookups and the histogram run over the few runs only. Maps
+  with too many runs for that to pay go pixel by pixel.
+  """
+  num_g, num_p = len(g_ids) + 1, len(p_ids) + 1
+  g, p = gt_ids.ravel(), pred_ids.ravel()
+  change = g[1:] != g[:-1]
+  change |= p[1:] != p[:-1]
+  ends = np.flatnonzero(change)
+  if len(ends) > g.size // _MAX_RUN_FRACTION:
+    return _pair_counts(_lookup_rows(gt_ids, g_ids), _lookup_rows(pred_ids, p_ids), num_g,
+                        num_p)
+  starts = np.empty(len(ends) + 1, np.intp)
+  starts[0] = 0
+  np.add(ends, 1, out=starts[1:])
+  lengths = np.diff(starts, append=g.size)
+  code = _search_rows(g[starts], g_ids)
+  code *= num_p
+  code += _search_rows(p[starts], p_ids)
+  # Float64 sums of integer run lengths are exact below 2^53 pixels.
+  counts = np.bincount(code, weights=lengths, minlength=num_g * num_p)
+  return counts.astype(np.int64).reshape(num_g, num_p)
 
 
 def image_pq_stats(gt_ids: np.ndarray, gt_segments: Sequence[Segment], pred_ids: np.ndarray,
@@ -197,15 +234,15 @@ def image_pq_stats(gt_ids: np.ndarray, gt_segments: Sequence[Segment], pred_ids:
   g_ids, g_class, g_crowd, g_area_field = _segment_table(gt_segments, category_index,
                                                          "ground-truth", image_id)
   p_ids, p_class, _, _ = _segment_table(pred_segments, category_index, "predicted", image_id)
-  g_rows, p_rows = _lookup_rows(gt_ids, g_ids), _lookup_rows(pred_ids, p_ids)
-
   # counts[i, j]: pixels in gt row i - 1 and predicted row j - 1; row/column 0 counts ids
   # that are in no segments_info, which must be none.
-  counts = _pair_counts(g_rows, p_rows, len(g_ids) + 1, len(p_ids) + 1)
-  for kind, id_map, rows, unknown_count in (("ground-truth", gt_ids, g_rows, counts[0].sum()),
-                                            ("predicted", pred_ids, p_rows, counts[:, 0].sum())):
+  counts = _joint_counts(gt_ids, pred_ids, g_ids, p_ids)
+  for kind, id_map, table_ids, unknown_count in (
+      ("ground-truth", gt_ids, g_ids, counts[0].sum()),
+      ("predicted", pred_ids, p_ids, counts[:, 0].sum())):
     if unknown_count:
-      unknown = np.unique(id_map[rows == 0])
+      unknown = np.unique(id_map)
+      unknown = unknown[_search_rows(unknown, table_ids) == 0]
       raise ValueError(f"{_where(image_id)}segment ids {list(map(int, unknown[:10]))} are in "
                        f"the {kind} id map (PNG) but not in its segments_info; list every "
                        f"non-VOID id of the map.")
@@ -399,8 +436,10 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] 
     pred_json_file: prediction JSON, one annotation per ground-truth image_id.
     gt_folder: folder of the ground-truth PNGs; default the JSON path without extension.
     pred_folder: folder of the predicted PNGs; default the JSON path without extension.
-    num_workers: processes reading and scoring images; None = os.cpu_count(), 1 = this
-      process. Workers are spawned (not forked): the caller usually runs JAX threads.
+    num_workers: threads reading and scoring images; None = os.cpu_count(), 1 = the calling
+      thread alone. Threads, not processes: PNG decoding (OpenCV) and the pixel passes
+      (numpy) release the GIL, so threads scale with the cores and start at once, while a
+      process would first import numpy, OpenCV and, through segjax.metrics, JAX.
 
   Returns:
     {'All'|'Things'|'Stuff': {'pq','sq','rq','n'}, 'per_class': {category_id: {'pq','sq','rq'}}}
@@ -424,12 +463,13 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] 
   if workers <= 1:
     per_image = _evaluate_pairs(pairs, gt_folder, pred_folder, accumulator.category_ids)
   else:
-    # A few chunks per worker balance the load; per-image results keep the sum order fixed so
+    # A few chunks per thread balance the load; per-image results keep the sum order fixed so
     # that any number of workers gives bit-identical results.
-    jobs = [(chunk, gt_folder, pred_folder, accumulator.category_ids)
-            for chunk in _chunks(pairs, 4 * workers)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      per_image = [s for chunk in pool.starmap(_evaluate_pairs, jobs) for s in chunk]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      chunks = pool.map(lambda chunk: _evaluate_pairs(chunk, gt_folder, pred_folder,
+                                                      accumulator.category_ids),
+                        _chunks(pairs, 4 * workers))
+      per_image = [s for chunk in chunks for s in chunk]
   for stats in per_image:
     accumulator.add_stats(stats)
   return accumulator.result()
