@@ -82,9 +82,7 @@ def _label_png(data: bytes, member: str, size) -> bytes:
     raise ValueError(f"annotation {member} holds values {bad[:10].tolist()} outside SegNet's "
                      f"CamVid ids 0..{UNLABELLED}.")
   label = np.where(label == UNLABELLED, IGNORE_INDEX, label).astype(np.uint8)
-  buffer = io.BytesIO()
-  Image.fromarray(label).save(buffer, format="PNG")
-  return buffer.getvalue()
+  return tfds_builders.encode_png(label)
 
 
 def _image_size(data: bytes, member: str):

@@ -24,7 +24,6 @@ import tempfile
 import zipfile
 from typing import Dict, Iterable
 
-import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -111,13 +110,6 @@ def _common_features():
       "image_id": tfds.features.Tensor(shape=(), dtype=np.int64),
       "objects": _objects_feature(),
   }
-
-
-def _encode_png(array: np.ndarray) -> bytes:
-  ok, buffer = cv2.imencode(".png", np.ascontiguousarray(array, np.uint8))
-  if not ok:
-    raise ValueError(f"OpenCV could not encode a {array.shape} PNG.")
-  return buffer.tobytes()
 
 
 def _box(bbox, where: str) -> np.ndarray:
@@ -230,7 +222,7 @@ class CocoInstances(tfds_builders.PackagedBuilder):
               "box": _box(annotation["bbox"], what),
               "class": np.int32(_training_id(_INSTANCE_CLASS, annotation["category_id"], what)),
               "is_crowd": np.bool_(annotation["iscrowd"]),
-              "mask": _encode_png(mask[..., None]),
+              "mask": tfds_builders.encode_png(mask[..., None]),
           })
         yield image["id"], {"image": jpeg, "file_name": _stem(image["file_name"]),
                             "image_id": np.int64(image["id"]), "objects": objects}
@@ -334,7 +326,7 @@ def _panoptic_example(stem, image, annotation, images, image_archive, pngs, png_
       mask = (inverse == index_of[segment_id]).astype(np.uint8)
       objects.append({"box": _box(info["bbox"], what), "class": np.int32(class_id),
                       "is_crowd": np.bool_(info["iscrowd"]),
-                      "mask": _encode_png(mask[..., None])})
+                      "mask": tfds_builders.encode_png(mask[..., None])})
   listed = {int(s["id"]) for s in segments} | {0}
   unlisted = sorted(set(index_of) - listed)
   if unlisted:
@@ -343,7 +335,7 @@ def _panoptic_example(stem, image, annotation, images, image_archive, pngs, png_
   label = lut[inverse]
   return {"image": jpeg, "file_name": _stem(image["file_name"]),
           "image_id": np.int64(image["id"]), "objects": objects, "panoptic": png,
-          "segments": segments, "label": _encode_png(label[..., None])}
+          "segments": segments, "label": tfds_builders.encode_png(label[..., None])}
 
 
 def palette(num_classes: int, seed: int) -> np.ndarray:

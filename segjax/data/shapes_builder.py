@@ -7,7 +7,6 @@ and is prepared on first use in seconds. Example i of a split is drawn from
 `np.random.default_rng([split_seed, i])`, so every preparation writes the same
 data.
 """
-import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -16,16 +15,6 @@ from segjax.data import shapes, tfds_builders
 # Split name -> (number of examples, seed).
 SPLITS = {"train": (2048, 1), "validation": (256, 2)}
 _IMAGE_KEYS = ("image", "label", "instance_ids", "panoptic")
-
-
-def _png(array):
-  """PNG bytes of an (H, W) or (H, W, 3) RGB uint8 array."""
-  if array.ndim == 3:
-    array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)  # cv2 writes BGR order.
-  ok, encoded = cv2.imencode(".png", array)
-  if not ok:
-    raise ValueError(f"Cannot PNG-encode an array of shape {array.shape}.")
-  return encoded.tobytes()
 
 
 class SegjaxShapes(tfds_builders.PackagedBuilder):
@@ -69,7 +58,7 @@ class SegjaxShapes(tfds_builders.PackagedBuilder):
     for i in range(num_examples):
       example = shapes.generate_example(np.random.default_rng([seed, i]))
       for key in _IMAGE_KEYS:
-        example[key] = _png(example[key])
+        example[key] = tfds_builders.encode_png(example[key])
       yield i, example
 
 

@@ -87,9 +87,7 @@ def _encode_label(label: np.ndarray, member: str, archive: str) -> Label:
     raise ValueError(f"{member} in {archive} has label values {bad[:10].tolist()}, which are "
                      f"neither VOC class ids 0..{len(CLASS_NAMES) - 1} nor {IGNORE_INDEX}; "
                      "the archive is not the original release or is damaged.")
-  buffer = io.BytesIO()
-  Image.fromarray(label.astype(np.uint8)).save(buffer, format="PNG")
-  return buffer.getvalue(), label.shape
+  return tfds_builders.encode_png(label), label.shape
 
 
 def _voc_label(data: bytes, member: str, archive: str) -> Label:
