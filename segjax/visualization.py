@@ -1,4 +1,5 @@
-"""Colour-coded label maps and image | ground truth | prediction panels."""
+"""Colour-coded label maps, palette label PNGs, overlays and image | ground truth |
+prediction panels."""
 import cv2
 import numpy as np
 from PIL import Image
@@ -44,6 +45,23 @@ def panel(images, labels, predictions, palette, ignore_index: int, mean, std,
     out += [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))),
             np.full((2, width, 3), 255, np.uint8)]
   return np.concatenate(out[:-1], axis=0)
+
+
+def label_png(labels: np.ndarray, palette: np.ndarray) -> Image.Image:
+  """A palette ("P" mode) PNG: pixel values are class ids, colours the dataset's
+  (ids beyond the classes, such as the ignore index, are black)."""
+  image = Image.fromarray(labels.astype(np.uint8), mode="P")
+  colours = np.zeros((256, 3), np.uint8)
+  colours[:len(palette)] = palette
+  image.putpalette(colours.reshape(-1).tolist())
+  return image
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, ignore_index: int,
+            alpha: float = 0.5) -> np.ndarray:
+  """The image blended with the colour-coded labels."""
+  colours = colorize(labels, palette, ignore_index).astype(np.float32)
+  return np.round((1 - alpha) * image + alpha * colours).astype(np.uint8)
 
 
 def save_png(path: str, array: np.ndarray) -> None:

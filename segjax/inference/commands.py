@@ -143,23 +143,6 @@ def read_image(path: str) -> np.ndarray:
                      "non-image file?") from e
 
 
-def label_png(labels: np.ndarray, palette: np.ndarray) -> Image.Image:
-  """A palette ("P" mode) PNG: pixel values are class ids, colours the dataset's
-  (ids beyond the classes, such as the ignore index, are black)."""
-  image = Image.fromarray(labels.astype(np.uint8), mode="P")
-  colours = np.zeros((256, 3), np.uint8)
-  colours[:len(palette)] = palette
-  image.putpalette(colours.reshape(-1).tolist())
-  return image
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, ignore_index: int,
-            alpha: float = 0.5) -> np.ndarray:
-  """The image blended with the colour-coded labels."""
-  colours = visualization.colorize(labels, palette, ignore_index).astype(np.float32)
-  return np.round((1 - alpha) * image + alpha * colours).astype(np.uint8)
-
-
 def predict_files(config: ml_collections.ConfigDict, checkpoint: str, input_path: str,
                   output_dir: str) -> List[str]:
   """Labels every input image; writes <stem>.png (class ids, palette) and
@@ -175,8 +158,8 @@ def predict_files(config: ml_collections.ConfigDict, checkpoint: str, input_path
     stem = os.path.splitext(os.path.basename(path))[0]
     label_path = os.path.join(output_dir, f"{stem}.png")
     overlay_path = os.path.join(output_dir, f"{stem}_overlay.jpg")
-    label_png(labels, dataset.palette).save(label_path)
-    Image.fromarray(overlay(image, labels, dataset.palette, dataset.ignore_index)).save(
+    visualization.label_png(labels, dataset.palette).save(label_path)
+    Image.fromarray(visualization.overlay(image, labels, dataset.palette, dataset.ignore_index)).save(
         overlay_path, quality=90)
     written += [label_path, overlay_path]
   return written
