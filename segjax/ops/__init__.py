@@ -8,7 +8,7 @@ from segjax.ops.roi_align import fpn_levels, multilevel_roi_align, roi_align, ro
 from segjax.ops.targets import (RoiTargets, RpnTargets, match, roi_targets, rpn_targets,
                                 sample_balanced)
 
-__all__ = ["RoiTargets", "RpnTargets", "batched_nms", "box_area", "cell_anchors", "clip_boxes", "decode_boxes",
-           "encode_boxes", "fpn_levels", "generate_anchors", "multilevel_roi_align", "nms",
-           "match", "pairwise_iou", "paste_masks", "roi_align", "roi_pool", "roi_targets",
-           "rpn_targets", "sample_balanced"]
+__all__ = ["RoiTargets", "RpnTargets", "batched_nms", "box_area", "cell_anchors", "clip_boxes",
+           "decode_boxes", "encode_boxes", "fpn_levels", "generate_anchors", "match",
+           "multilevel_roi_align", "nms", "pairwise_iou", "paste_masks", "roi_align", "roi_pool",
+           "roi_targets", "rpn_targets", "sample_balanced"]
