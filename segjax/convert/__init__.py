@@ -14,12 +14,14 @@ import jax
 
 from segjax.convert.common import (CONVERTERS, convert_state_dict, load_variables,
                                    read_state_dict, save_variables)
+from segjax.convert.fpn import torch_resnet_fpn_to_flax
 from segjax.convert.resnet import torch_resnet_to_flax, torch_segmentation_to_flax
 import segjax.convert.mobilenet_v2  # noqa: F401
 import segjax.convert.vgg  # noqa: F401
 
 __all__ = ["CONVERTERS", "convert_state_dict", "load_variables", "main", "read_state_dict",
-           "save_variables", "torch_resnet_to_flax", "torch_segmentation_to_flax"]
+           "save_variables", "torch_resnet_fpn_to_flax", "torch_resnet_to_flax",
+           "torch_segmentation_to_flax"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
