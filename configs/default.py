@@ -66,9 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 250
   config.keep_checkpoints = 2
 
-  # eval.py / predict.py. mode "batched": the data.eval_ops pipeline in batches,
-  # as during training; "whole" / "slide": one image at a time, any size,
-  # predicted at its original resolution (see segjax/inference/semantic.py).
+  # Evaluation (training's and eval.py's) and predict.py. mode "batched": the
+  # data.eval_ops pipeline in static batches; "whole" / "slide": one image at a
+  # time, any size, predicted at its original resolution
+  # (segjax/inference/semantic.py); predict.py uses "whole" in place of "batched".
   config.inference = ml_collections.ConfigDict()
   config.inference.mode = "batched"  # batched | whole | slide
   config.inference.scale = (0, 0)  # keep-ratio test resize (w, h), mmseg's order; 0 = none

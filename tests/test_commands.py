@@ -98,3 +98,11 @@ def test_commands_report_bad_input_in_one_sentence(trained, tmp_path):
              f"--output={tmp_path / 'out'}", data_dir=data_dir)
   assert run.returncode != 0 and "Cannot read" in run.stderr and "bad.png" in run.stderr
   assert "Traceback" not in run.stderr
+
+
+def test_training_evaluates_per_image_when_configured(trained, tmp_path):
+  """inference.mode "whole" during training gives the batched evaluation's numbers."""
+  data_dir, _, result = trained
+  config = _config(data_dir, "whole")
+  whole = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  np.testing.assert_allclose(whole["mIoU"], result["mIoU"], rtol=1e-12)

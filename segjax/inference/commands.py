@@ -20,10 +20,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from segjax import visualization
-from segjax.data import pipeline, transforms
-from segjax.data.sources import DatasetSpec, get_dataset
-from segjax.inference.semantic import SemanticPredictor
-from segjax.metrics import confusion_matrix, segmentation_metrics
+from segjax.data import pipeline
+from segjax.data.sources import get_dataset
+from segjax.inference import per_image
 from segjax.models import build_model
 from segjax.training import checkpointing, optimizers, sharding, trainer
 
@@ -46,42 +45,6 @@ def restore(config: ml_collections.ConfigDict, checkpoint: str):
   return dataset, model, state, step, mesh, shardings
 
 
-def make_predictor(config: ml_collections.ConfigDict, model, state,
-                   num_classes: int) -> SemanticPredictor:
-  """A `SemanticPredictor` with the config's inference settings."""
-  inference = config.inference
-  if inference.mode not in ("whole", "slide"):
-    raise ValueError(f"inference.mode {inference.mode!r} cannot label single images; use "
-                     "'whole' or 'slide'.")
-  scale = tuple(inference.scale) if min(inference.scale) > 0 else None
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return SemanticPredictor(
-      model, variables, num_classes, mean=tuple(config.data.mean), std=tuple(config.data.std),
-      mode=inference.mode, scale=scale, window=tuple(inference.window),
-      stride=tuple(inference.stride), window_batch=inference.window_batch,
-      scales=tuple(inference.scales), flip=inference.flip)
-
-
-def _per_image_confusion(config, dataset: DatasetSpec, predictor: SemanticPredictor):
-  """Confusion matrix of the predictor over the eval split, one image at a time."""
-  ops = "|".join(p for p in ("squeeze_labels", "check_image", config.inference.label_ops,
-                             f"check_labels(num_classes={dataset.num_classes}, "
-                             f"ignore_index={dataset.ignore_index})") if p)
-  prepare = transforms.parse_pipeline(ops)
-  source = pipeline.process_slice(dataset.source(config.data.eval_split))
-  confusion = np.zeros((dataset.num_classes,) * 2, np.int64)
-  count = jax.jit(confusion_matrix, static_argnums=(2, 3))
-  for i in tqdm(range(len(source)), unit="image", disable=jax.process_index() != 0):
-    example = prepare(source[i], np.random.default_rng(0))
-    prediction = predictor.predict(example["image"])
-    confusion += np.asarray(count(prediction, example["label"], dataset.num_classes,
-                                  dataset.ignore_index))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    confusion = multihost_utils.process_allgather(confusion).sum(0)
-  return confusion
-
-
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
                         output: str = "") -> Dict[str, Any]:
   """Scores a checkpoint on `data.eval_split`; writes the metrics as JSON to `output`."""
@@ -94,8 +57,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
     metrics = trainer.evaluate(state, eval_fn, dataset, config, batch_sharding, replicated,
                                panel_dir, step)
   else:
-    predictor = make_predictor(config, model, state, dataset.num_classes)
-    metrics = segmentation_metrics(_per_image_confusion(config, dataset, predictor))
+    metrics = per_image.evaluate(config, dataset, model, state)
   metrics = {"step": step, "split": config.data.eval_split, "mode": config.inference.mode,
              **metrics}
   if output and jax.process_index() == 0:
@@ -149,7 +111,7 @@ def predict_files(config: ml_collections.ConfigDict, checkpoint: str, input_path
   <stem>_overlay.jpg to `output_dir`; returns the written paths."""
   files = image_files(input_path)
   dataset, model, state, _, _, _ = restore(config, checkpoint)
-  predictor = make_predictor(config, model, state, dataset.num_classes)
+  predictor = per_image.make_predictor(config, model, state, dataset.num_classes)
   os.makedirs(output_dir, exist_ok=True)
   written = []
   for path in tqdm(files, unit="image"):

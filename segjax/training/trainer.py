@@ -23,6 +23,7 @@ from tqdm import tqdm
 from segjax import visualization
 from segjax.data import pipeline
 from segjax.data.sources import DatasetSpec, get_dataset
+from segjax.inference import per_image
 from segjax.losses import build_loss
 from segjax.metrics import format_iou_table, segmentation_metrics
 from segjax.models import build_model
@@ -185,8 +186,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0, desc=config.model.name)
   def run_eval(step: int) -> Dict[str, Any]:
-    metrics = evaluate(state, eval_fn, dataset, config, batch_sharding, replicated, workdir,
-                       step)
+    if config.inference.mode == "batched":
+      metrics = evaluate(state, eval_fn, dataset, config, batch_sharding, replicated, workdir,
+                         step)
+    else:  # one image at a time (e.g. overlap-tile for unet_valid); no panel
+      metrics = per_image.evaluate(config, dataset, model, state, progress=False)
     writer.scalars(step, {f"eval/{k}": metrics[k] for k in ("mIoU", "aAcc", "mAcc")})
     table = format_iou_table(metrics, dataset.class_names)
     writer.text(step, "eval/per_class", table)
