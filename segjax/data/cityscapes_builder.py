@@ -172,20 +172,9 @@ class Cityscapes(tfds_builders.PackagedBuilder):
         "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
         "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
         "file_name": tfds.features.Text(),
-        "objects": tfds.features.Sequence({
-            "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
-            "class": tfds.features.Tensor(shape=(), dtype=np.int32),
-            "is_crowd": tfds.features.Tensor(shape=(), dtype=np.bool_),
-            "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-        }),
+        "objects": tfds_builders.objects_feature(),
         "panoptic": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-        "segments": tfds.features.Sequence({
-            "id": tfds.features.Tensor(shape=(), dtype=np.int32),
-            "class": tfds.features.Tensor(shape=(), dtype=np.int32),
-            "is_thing": tfds.features.Tensor(shape=(), dtype=np.bool_),
-            "is_crowd": tfds.features.Tensor(shape=(), dtype=np.bool_),
-            "area": tfds.features.Tensor(shape=(), dtype=np.int32),
-        }),
+        "segments": tfds_builders.segments_feature(),
     }))
 
   def _split_generators(self, dl_manager):

@@ -94,21 +94,12 @@ _PANOPTIC_CLASS = {cid: index for index, (cid, _, _) in enumerate(CATEGORIES)}
 _IS_THING = {cid: thing for cid, _, thing in CATEGORIES}
 
 
-def _objects_feature():
-  return tfds.features.Sequence({
-      "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
-      "class": tfds.features.Tensor(shape=(), dtype=np.int32),
-      "is_crowd": tfds.features.Tensor(shape=(), dtype=np.bool_),
-      "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-  })
-
-
 def _common_features():
   return {
       "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
       "file_name": tfds.features.Text(),
       "image_id": tfds.features.Tensor(shape=(), dtype=np.int64),
-      "objects": _objects_feature(),
+      "objects": tfds_builders.objects_feature(),
   }
 
 
@@ -244,13 +235,7 @@ class CocoPanoptic(tfds_builders.PackagedBuilder):
     features.update({
         "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
         "panoptic": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-        "segments": tfds.features.Sequence({
-            "id": tfds.features.Tensor(shape=(), dtype=np.int32),
-            "class": tfds.features.Tensor(shape=(), dtype=np.int32),
-            "is_thing": tfds.features.Tensor(shape=(), dtype=np.bool_),
-            "is_crowd": tfds.features.Tensor(shape=(), dtype=np.bool_),
-            "area": tfds.features.Tensor(shape=(), dtype=np.int32),
-        }),
+        "segments": tfds_builders.segments_feature(),
     })
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 

@@ -32,6 +32,29 @@ def encode_png(array: np.ndarray) -> bytes:
   return encoded.tobytes()
 
 
+def objects_feature() -> tfds.features.Sequence:
+  """Per-instance records of instance datasets, as `transforms.unpack_instances`
+  reads them: box x1, y1, x2, y2 in pixels (x2, y2 exclusive), training class id,
+  crowd flag and an image-sized 0/1 mask."""
+  return tfds.features.Sequence({
+      "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+      "class": tfds.features.Tensor(shape=(), dtype=np.int32),
+      "is_crowd": tfds.features.Tensor(shape=(), dtype=np.bool_),
+      "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+  })
+
+
+def segments_feature() -> tfds.features.Sequence:
+  """Per-segment records of panoptic datasets (ids as in the `panoptic` PNG)."""
+  return tfds.features.Sequence({
+      "id": tfds.features.Tensor(shape=(), dtype=np.int32),
+      "class": tfds.features.Tensor(shape=(), dtype=np.int32),
+      "is_thing": tfds.features.Tensor(shape=(), dtype=np.bool_),
+      "is_crowd": tfds.features.Tensor(shape=(), dtype=np.bool_),
+      "area": tfds.features.Tensor(shape=(), dtype=np.int32),
+  })
+
+
 class PackagedBuilder(tfds.core.GeneratorBasedBuilder):
   """A GeneratorBasedBuilder defined inside the segjax package."""
 
