@@ -10,6 +10,7 @@ import pytest
 
 from segjax.convert.fpn import torch_resnet_fpn_to_flax
 from segjax.models.fpn import FPN, ResNetFPN, frozen_backbone_modules, resize_nearest
+from tests.test_resnet_parity import _randomize_batch_norms
 from tests.torch_reference import import_torchvision
 
 LEVELS = {"0": "p2", "1": "p3", "2": "p4", "3": "p5", "pool": "p6"}
@@ -21,17 +22,11 @@ RESNET50_FPN_PARAMS = 23_508_032 + FPN_PARAMS
 def _randomize(model, torch, seed=0):
   """Random BatchNorm affine parameters and running statistics and random FPN
   biases (torchvision starts them at 0), so none is an identity; eval mode."""
-  g = torch.Generator().manual_seed(seed)
-  for name, m in model.named_modules():
-    if isinstance(m, torch.nn.BatchNorm2d):
-      n = m.num_features
-      m.weight.data = torch.rand(n, generator=g) + 0.5
-      m.bias.data = 0.2 * torch.randn(n, generator=g)
-      m.running_mean = 0.2 * torch.randn(n, generator=g)
-      m.running_var = torch.rand(n, generator=g) + 0.5
-    elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+  g = torch.Generator().manual_seed(seed + 1)
+  for m in model.modules():
+    if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
       m.bias.data = 0.1 * torch.randn(m.out_channels, generator=g)
-  return model.eval()
+  return _randomize_batch_norms(model, torch, seed)
 
 
 def _nhwc(x):
