@@ -338,3 +338,134 @@ class CocoEvaluator:
     if iou_types is None:
       iou_types = IOU_TYPES if self._with_masks else ("bbox",)
     return coco_evaluate(self._gt, self._results, iou_types, verbose=self._verbose)
+
+
+def _copy_annotation(annotation: Dict[str, Any]) -> Dict[str, Any]:
+  """A copy of an annotation sharing no mutable value with it."""
+  result = dict(annotation, bbox=list(annotation["bbox"]))
+  if "segmentation" in annotation:
+    result["segmentation"] = dict(annotation["segmentation"])
+  return result
+
+
+class GroundTruthBuilder:
+  """Builds a COCO instances ground truth in memory from a dataset's eval records.
+
+  Any dataset with per-instance boxes, classes and (optionally) masks can then
+  be scored by `CocoEvaluator` / `coco_evaluate` without a COCO JSON: pass
+  `to_dict()` as the ground truth and `category_ids` as the training id ->
+  category id table. Category ids are training id + 1, named by `class_names`.
+
+  Each valid row becomes one annotation: bbox [x, y, w, h] from the given box,
+  segmentation the compressed RLE of its mask, area its mask's pixel count (the
+  box's area without masks), iscrowd from `is_crowd`. COCO's own JSON gives
+  polygon annotations the polygon's area, slightly different from the pixel
+  count of its rasterised mask, so objects near 32^2 or 96^2 can fall into
+  another of APs / APm / APl than with the official ground truth; AP, AP50 and
+  AP75 are unaffected.
+  """
+
+  def __init__(self, class_names: Sequence[str]):
+    """Starts an empty ground truth over `class_names` (training id order)."""
+    names = [str(n) for n in class_names]
+    if not names:
+      raise ValueError("class_names is empty; pass the dataset's instance class names in "
+                       "training id order.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+      raise ValueError(f"class_names repeats {repeated}; per-class AP is keyed by name, so "
+                       "names must be unique.")
+    self._categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    self._images: List[Dict[str, Any]] = []
+    self._annotations: List[Dict[str, Any]] = []
+    self._image_ids = set()
+    self._with_masks: Optional[bool] = None
+
+  @property
+  def category_ids(self) -> List[int]:
+    """Training id -> category id, i.e. [1, ..., K], for `CocoEvaluator`."""
+    return [c["id"] for c in self._categories]
+
+  def add(self, image_id: int, height: int, width: int, boxes, classes, masks=None,
+          is_crowd=None, valid=None) -> None:
+    """Adds one image and an annotation per valid row with a non-empty mask.
+
+    Args:
+      image_id: the image's id, as the detections' image ids; unique.
+      height: the image's true height in pixels.
+      width: the image's true width in pixels.
+      boxes: (N, 4) x1, y1, x2, y2 in pixels (x2, y2 exclusive edges).
+      classes: (N,) training ids, 0 <= id < len(class_names) where valid.
+      masks: optional (N, H, W) masks, nonzero = foreground, with H >= height
+        and W >= width (padding beyond the image is cropped away). Either every
+        image has masks or none.
+      is_crowd: optional (N,) bool; crowd regions are matched but not counted.
+      valid: optional (N,) bool; False rows (padding) are skipped.
+    """
+    image_id = int(image_id)
+    height, width = int(height), int(width)
+    if image_id in self._image_ids:
+      raise ValueError(f"Image id {image_id} was added twice; each image must be added once "
+                       "with all its instances.")
+    if height < 1 or width < 1:
+      raise ValueError(f"Image {image_id} has size {height}x{width}; height and width must be "
+                       "positive.")
+    boxes = _host(boxes, "boxes", (None, 4)).astype(np.float64)
+    num = boxes.shape[0]
+    classes = _host(classes, "classes", (num,))
+    if not np.issubdtype(classes.dtype, np.integer):
+      raise ValueError(f"classes must be an integer array; got {classes.dtype}.")
+    is_crowd = (np.zeros(num, bool) if is_crowd is None
+                else _host(is_crowd, "is_crowd", (num,)).astype(bool))
+    valid = np.ones(num, bool) if valid is None else _host(valid, "valid", (num,)).astype(bool)
+    if not np.isfinite(boxes[valid]).all():
+      raise ValueError(f"Image {image_id}: valid rows have non-finite boxes.")
+    bad = valid & ((classes < 0) | (classes >= len(self._categories)))
+    if bad.any():
+      raise ValueError(f"Image {image_id}: classes {np.unique(classes[bad]).tolist()} of valid "
+                       f"rows are outside the {len(self._categories)} training ids of "
+                       "class_names.")
+    with_masks = masks is not None
+    if self._with_masks is not None and with_masks != self._with_masks:
+      raise ValueError("Some images were added with masks and some without; pass masks for "
+                       "every image or for none.")
+    keep = np.flatnonzero(valid)
+    if with_masks:
+      masks = np.asarray(masks)
+      if masks.ndim != 3 or masks.shape[0] != num:
+        raise ValueError(f"masks has shape {masks.shape}; expected ({num}, H, W).")
+      if masks.shape[1] < height or masks.shape[2] < width:
+        raise ValueError(f"masks of shape {masks.shape} are smaller than image {image_id}'s "
+                         f"{height}x{width}; pass masks covering the whole image.")
+      binary = masks[keep, :height, :width] != 0
+      rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
+      areas = mask_utils.area(rles)
+    self._with_masks = with_masks
+    self._image_ids.add(image_id)
+    self._images.append({"id": image_id, "height": height, "width": width})
+    for i, k in enumerate(keep):
+      x1, y1, x2, y2 = (float(v) for v in boxes[k])
+      annotation = {"id": len(self._annotations) + 1, "image_id": image_id,
+                    "category_id": int(classes[k]) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "iscrowd": int(is_crowd[k])}
+      if with_masks:
+        if areas[i] == 0:
+          continue
+        annotation["area"] = float(areas[i])
+        annotation["segmentation"] = {"size": [height, width],
+                                      "counts": rles[i]["counts"].decode("ascii")}
+      else:
+        annotation["area"] = (x2 - x1) * (y2 - y1)
+      self._annotations.append(annotation)
+
+  def to_dict(self) -> Dict[str, Any]:
+    """The COCO instances dict (info, images, annotations, categories).
+
+    Fresh copies each call: pycocotools writes into the annotations it scores.
+    """
+    if not self._images:
+      raise ValueError("No images were added; add every eval image before evaluating.")
+    return {"info": {"description": "segjax GroundTruthBuilder"},
+            "images": [dict(image) for image in self._images],
+            "annotations": [_copy_annotation(a) for a in self._annotations],
+            "categories": [dict(c) for c in self._categories]}
