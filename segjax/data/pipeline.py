@@ -8,6 +8,7 @@ augmentation run in reader threads, or with `num_workers > 0` in that many
 grain worker processes (the order and the random draws are the same either
 way; a checkpointed position only restores into the same `num_workers`).
 """
+import itertools
 from typing import Any, Dict, Iterator, Optional
 
 import grain
@@ -20,6 +21,10 @@ from segjax.data import transforms
 MODEL_KEYS = ("image", "label")
 # Training keys batched when the ops make them (`unet_weights`).
 OPTIONAL_TRAIN_KEYS = ("pixel_weights",)
+# Instance models (Mask R-CNN): the image and padded instance rows; crowd flags and
+# (image-sized or box-cropped) masks when the ops make them.
+INSTANCE_KEYS = ("image", "boxes", "classes", "instance_valid")
+OPTIONAL_INSTANCE_KEYS = ("is_crowd", "masks", "box_masks")
 # Eval-only keys a test-time `resize(resize_labels=False)` adds, so predictions
 # can be scored against labels at their original size.
 SIZE_KEYS = ("original_size", "resized_size")
@@ -49,15 +54,21 @@ def _select(keys, optional=()):
                                                               if k in example)}
 
 
-def example_shapes(source, ops: str) -> Dict[str, tuple]:
-  """Shapes of the model inputs that `ops` makes from the first record."""
+def example_shapes(source, ops: str, keys=MODEL_KEYS) -> Dict[str, tuple]:
+  """Shapes of the model inputs `keys` that `ops` makes from the first record."""
   example = transforms.parse_pipeline(ops)(source[0], np.random.default_rng(0))
-  return {k: example[k].shape for k in MODEL_KEYS}
+  missing = [k for k in keys if k not in example]
+  if missing:
+    raise ValueError(f"The data ops {ops!r} give examples without {missing} (they have "
+                     f"{sorted(example)}); the model needs {list(keys)}.")
+  return {k: example[k].shape for k in keys}
 
 
 def train_iterator(source, ops: str, global_batch_size: int, seed: int,
-                   num_threads: int = 2, num_workers: int = 0) -> grain.DatasetIterator:
-  """An endless, per-epoch reshuffled iterator of local numpy batches.
+                   num_threads: int = 2, num_workers: int = 0, keys=MODEL_KEYS,
+                   optional_keys=OPTIONAL_TRAIN_KEYS) -> grain.DatasetIterator:
+  """An endless, per-epoch reshuffled iterator of local numpy batches of `keys`
+  (and of those `optional_keys` the ops make).
 
   Its `get_state()`/`set_state()` position is saved with the checkpoints.
   """
@@ -66,7 +77,7 @@ def train_iterator(source, ops: str, global_batch_size: int, seed: int,
                      f"{num_workers} and {num_threads}.")
   pipeline = transforms.parse_pipeline(ops)
   ds = process_slice(source).shuffle(seed=seed).repeat()
-  ds = ds.random_map(pipeline, seed=seed).map(_select(MODEL_KEYS, OPTIONAL_TRAIN_KEYS))
+  ds = ds.random_map(pipeline, seed=seed).map(_select(tuple(keys), tuple(optional_keys)))
   ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
   ds = ds.to_iter_dataset(read)
@@ -77,27 +88,29 @@ def train_iterator(source, ops: str, global_batch_size: int, seed: int,
   return iter(ds)
 
 
-def eval_batches(source, ops: str, global_batch_size: int,
-                 ignore_index: int) -> Iterator[Dict[str, np.ndarray]]:
+def eval_batches(source, ops: str, global_batch_size: int, ignore_index: int,
+                 keys=MODEL_KEYS, optional_keys=()) -> Iterator[Dict[str, np.ndarray]]:
   """One pass over a split in local batches of a fixed shape.
 
-  Missing slots of the last batch are filled with blank images whose labels are
-  all `ignore_index`, so they add nothing to the metrics; every process yields
-  the same number of batches, as global arrays require. The eval ops must give
-  every example the same shape (e.g. end with `pad`).
+  Missing slots of the last batch are filled with blank examples (labels all
+  `ignore_index`, no valid instance), so they add nothing to the metrics; every
+  process yields the same number of batches, as global arrays require: batch
+  i's slot j is a real example iff i * local + j < len(process_slice(source)).
+  The eval ops must give every example the same shape (e.g. end with `pad`).
   """
   pipeline = transforms.parse_pipeline(ops)
   local = local_batch_size(global_batch_size)
   num_batches = -(-len(source) // global_batch_size)
   first = pipeline(source[0], np.random.default_rng(0))
-  keys = MODEL_KEYS + tuple(k for k in SIZE_KEYS if k in first)
+  keys = tuple(keys) + tuple(k for k in tuple(optional_keys) + SIZE_KEYS if k in first)
   template = _select(keys)(first)
   blank = {k: np.zeros_like(v) for k, v in template.items()}
-  blank["label"] = np.full_like(template["label"], ignore_index)
+  if "label" in blank:
+    blank["label"] = np.full_like(template["label"], ignore_index)
   mine = process_slice(source).random_map(pipeline, seed=0).map(_select(keys))
   it = iter(mine.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
   for _ in range(num_batches):
-    examples = [e for e, _ in zip(it, range(local))]
+    examples = list(itertools.islice(it, local))
     examples += [blank] * (local - len(examples))
     yield {k: np.stack([e[k] for e in examples]) for k in keys}
 
