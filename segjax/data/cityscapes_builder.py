@@ -230,4 +230,5 @@ CITYSCAPES = tfds_builders.ArchiveDataset(
                         "https://www.cityscapes-dataset.com/downloads (registration required)",
         LABELS_ARCHIVE: "Cityscapes fine annotations, train/val/test (241MB), from "
                         "https://www.cityscapes-dataset.com/downloads (registration required)"},
-    builder=Cityscapes)
+    builder=Cityscapes,
+    thing_classes=tuple(l.train_id for l in _TRAIN_LABELS if l.has_instances))

@@ -341,7 +341,7 @@ COCO_INSTANCES = tfds_builders.ArchiveDataset(
     archives={**_IMAGE_SOURCES, INSTANCES_ARCHIVE: (
         "COCO 2017 train/val annotations, annotations/instances_{train,val}2017.json "
         "(http://images.cocodataset.org/annotations/annotations_trainval2017.zip)")},
-    builder=CocoInstances)
+    builder=CocoInstances, thing_classes=tuple(range(len(INSTANCE_CLASS_NAMES))))
 
 COCO_PANOPTIC = tfds_builders.ArchiveDataset(
     name="coco_panoptic", class_names=PANOPTIC_CLASS_NAMES, palette=palette(133, 133),
@@ -350,4 +350,5 @@ COCO_PANOPTIC = tfds_builders.ArchiveDataset(
         "COCO 2017 panoptic annotations, annotations/panoptic_{train,val}2017.json and the "
         "PNG zips annotations/panoptic_{train,val}2017.zip (http://images.cocodataset.org/"
         "annotations/panoptic_annotations_trainval2017.zip)")},
-    builder=CocoPanoptic)
+    builder=CocoPanoptic,
+    thing_classes=tuple(index for index, (_, _, thing) in enumerate(CATEGORIES) if thing))

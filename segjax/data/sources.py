@@ -24,6 +24,9 @@ class DatasetSpec:
   ignore_index: int
   splits: Tuple[str, ...]
   open_split: Callable[[str], Any]  # split, optionally sliced ("train[:100]") -> source
+  # Class ids that have instance annotations (`objects`), in the order of an
+  # instance model's 0-based classes; () when the dataset has none.
+  thing_classes: Tuple[int, ...] = ()
 
   @property
   def num_classes(self) -> int:
@@ -60,7 +63,8 @@ def _shapes(data_dir: str, manual_dir: str) -> DatasetSpec:
       name="segjax_shapes", class_names=tuple(shapes.CLASS_NAMES),
       palette=np.asarray(shapes.PALETTE, np.uint8), ignore_index=shapes.IGNORE_INDEX,
       splits=tuple(shapes_builder.SPLITS),
-      open_split=lambda split: shapes_builder.load_shapes(split, data_dir))
+      open_split=lambda split: shapes_builder.load_shapes(split, data_dir),
+      thing_classes=tuple(shapes.THING_CLASSES))
 
 
 # Datasets prepared from their owners' archives: name -> (module, attribute)
@@ -91,7 +95,8 @@ def _register_archive_dataset(name: str) -> None:
         name=name, class_names=tuple(dataset.class_names),
         palette=np.asarray(dataset.palette, np.uint8), ignore_index=dataset.ignore_index,
         splits=tuple(dataset.splits),
-        open_split=lambda split: dataset.load(split, data_dir, manual_dir))
+        open_split=lambda split: dataset.load(split, data_dir, manual_dir),
+        thing_classes=tuple(dataset.thing_classes))
   _spec.__doc__ = f"{name}, prepared from its archives in the manual dir."
 
 

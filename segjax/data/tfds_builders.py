@@ -93,6 +93,7 @@ class ArchiveDataset:
     builder: the `PackagedBuilder` subclass (or a factory taking `data_dir`)
       that prepares the dataset from `dl_manager.manual_dir`.
     ignore_index: label value that marks unlabelled pixels.
+    thing_classes: class ids of the `objects` (instance annotations); () if none.
   """
   name: str
   class_names: Tuple[str, ...]
@@ -101,6 +102,7 @@ class ArchiveDataset:
   archives: Mapping[str, str]
   builder: Callable[..., tfds.core.GeneratorBasedBuilder]
   ignore_index: int = 255
+  thing_classes: Tuple[int, ...] = ()
 
   def make_builder(self, data_dir: str) -> tfds.core.GeneratorBasedBuilder:
     return self.builder(data_dir=data_dir, file_format="array_record")

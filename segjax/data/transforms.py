@@ -51,7 +51,7 @@ PREPROCESS_OPS: Registry = Registry("preprocessing op")
 LABEL_KEYS = ("label", "instance_ids", "panoptic")
 # Spatial key -> index of its H axis.
 _SPATIAL_AXIS = {"image": 0, **{key: 0 for key in LABEL_KEYS}, "masks": 1}
-INSTANCE_KEYS = ("boxes", "classes", "is_crowd", "masks", "instance_valid")
+INSTANCE_KEYS = ("boxes", "classes", "is_crowd", "masks", "box_masks", "instance_valid")
 SEGMENT_KEYS = ("segment_ids", "segment_classes", "segment_is_thing", "segment_is_crowd",
                 "segment_areas", "segment_valid")
 # tfds sequence field -> (example key, dtype, shape of one row).
@@ -437,6 +437,27 @@ def random_resize(scale, ratio_range=(0.5, 2.0)) -> Op:
   return fn
 
 
+@PREPROCESS_OPS.register("random_short_side")
+def random_short_side(sizes, max_size: int = 1333) -> Op:
+  """detectron2 `ResizeShortestEdge(sizes, max_size, "choice")`: the short side
+  becomes a size drawn from `sizes`, unless the long side would then exceed
+  `max_size`, which then bounds it (keep-ratio, rounded half up)."""
+  op = "random_short_side"
+  _check(isinstance(sizes, (tuple, list)) and len(sizes) > 0
+         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes),
+         op, "sizes",
+         "a tuple of positive ints", sizes)
+  _check_int(max_size, op, "max_size", low=1)
+  sizes = tuple(sizes)
+
+  def fn(example, rng):
+    short = sizes[int(rng.integers(len(sizes)))]
+    h, w = _aligned_size(example, op)
+    factor = min(short / min(h, w), max_size / max(h, w))
+    return _resize(example, int(h * factor + 0.5), int(w * factor + 0.5))
+  return fn
+
+
 @PREPROCESS_OPS.register("random_crop")
 def random_crop(size, cat_max_ratio: float = 1.0, ignore_index: int = 255) -> Op:
   """mmseg `RandomCrop` of `size` (h, w), then padding up to `size`.
@@ -790,6 +811,84 @@ def unet_weights(w0: float = 10.0, sigma: float = 5.0, ignore_index: int = 255) 
     out = dict(example)
     out["pixel_weights"] = unet_weight_map(instance_ids, example.get("label"), w0=w0,
                                            sigma=sigma, ignore_index=ignore_index)
+    return out
+  return fn
+
+
+@PREPROCESS_OPS.register("instance_masks")
+def instance_masks() -> Op:
+  """`masks` (N, H, W) uint8 from an `instance_ids` map whose id k marks row k - 1
+  (segjax_shapes), N = the number of instance rows. Put it before the geometric
+  ops, which then move the masks with the image."""
+  op = "instance_masks"
+
+  def fn(example, rng):
+    del rng
+    ids = _require(example, "instance_ids", op)
+    if ids.ndim != 2:
+      raise ValueError(f"{op}: `instance_ids` must be (H, W), got shape {ids.shape}; run "
+                       "squeeze_labels first.")
+    rows = len(_require(example, "instance_valid", op))
+    masks = ids[None] == np.arange(1, rows + 1, dtype=ids.dtype)[:, None, None]
+    masks &= np.asarray(example["instance_valid"], bool)[:, None, None]
+    return {**example, "masks": masks.astype(np.uint8)}
+  return fn
+
+
+@PREPROCESS_OPS.register("thing_classes")
+def thing_classes(ids) -> Op:
+  """Instance `classes` from dataset class ids to the model's 0-based thing index
+  (the position in `ids`, e.g. Cityscapes trainIds 11-18 -> 0-7); rows of any
+  other class turn invalid, with zero box and mask."""
+  op = "thing_classes"
+  _check(isinstance(ids, (tuple, list)) and len(ids) > 0
+         and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+         and len(set(ids)) == len(ids), op, "ids", "a tuple of distinct class ids", ids)
+  table = np.asarray(ids, np.int64)
+
+  def fn(example, rng):
+    del rng
+    classes = np.asarray(_require(example, "classes", op), np.int64)
+    index = np.argmax(classes[:, None] == table[None, :], axis=1) if len(classes) else classes
+    known = (classes[:, None] == table[None, :]).any(axis=1)
+    valid = np.asarray(_require(example, "instance_valid", op), bool) & known
+    out = {**example, "classes": np.where(valid, index, 0).astype(np.int32),
+           "instance_valid": valid}
+    if "boxes" in out:
+      out["boxes"] = np.where(valid[:, None], out["boxes"], 0).astype(out["boxes"].dtype)
+    if "masks" in out:
+      out["masks"] = np.where(valid[:, None, None], out["masks"], 0).astype(out["masks"].dtype)
+    return out
+  return fn
+
+
+@PREPROCESS_OPS.register("crop_masks")
+def crop_masks(size: int = 64) -> Op:
+  """Image-sized `masks` (N, H, W) -> `box_masks` (N, size, size): each mask
+  resampled bilinearly on its own box (pixel centres, >= 0.5), the compact form
+  TPU Mask R-CNN trains on (COCO-sized masks would cost N x H x W bytes per
+  image). The model maps RoIs into each box to build its targets. Put it after
+  every geometric op and `pad_instances`."""
+  op = "crop_masks"
+  _check_int(size, op, "size", low=1)
+
+  def fn(example, rng):
+    del rng
+    masks = _require(example, "masks", op)
+    boxes = _require(example, "boxes", op).astype(np.float64)
+    out = {k: v for k, v in example.items() if k != "masks"}
+    cropped = np.zeros((len(masks), size, size), np.uint8)
+    for i, (mask, (x1, y1, x2, y2)) in enumerate(zip(masks, boxes)):
+      if x2 <= x1 or y2 <= y1:
+        continue
+      sx, sy = (x2 - x1) / size, (y2 - y1) / size
+      # Output pixel (u, v) samples the mask at x1 + (u + 0.5) * sx - 0.5 (likewise y).
+      warp = np.float64([[sx, 0, x1 + 0.5 * sx - 0.5], [0, sy, y1 + 0.5 * sy - 0.5]])
+      sampled = cv2.warpAffine(mask.astype(np.float32), warp, (size, size),
+                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+      cropped[i] = sampled >= 0.5
+    out["box_masks"] = cropped
     return out
   return fn
 
