@@ -45,14 +45,20 @@ def get_config() -> ml_collections.ConfigDict:
   # Per-class weights of the cross-entropy (mmseg's class_weight); () = all 1.
   config.loss.class_weights = ()
   config.loss.aux_weight = 0.4  # weight of an auxiliary head's loss (PSPNet, DeepLabV3)
+  # Detectors (mask_rcnn): weight of each of the model's losses in the total.
+  config.loss.detection = ml_collections.ConfigDict(
+      {"rpn_objectness": 1.0, "rpn_box": 1.0, "classifier": 1.0, "box": 1.0, "mask": 1.0})
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "sgd"  # sgd | adamw
   config.optimizer.learning_rate = 0.01
   config.optimizer.min_learning_rate = 1e-4
-  config.optimizer.schedule = "poly"  # poly | cosine | constant (after warmup)
+  config.optimizer.schedule = "poly"  # poly | cosine | constant | steps (after warmup)
   config.optimizer.poly_power = 0.9
   config.optimizer.warmup_steps = 0
+  config.optimizer.warmup_factor = 0.0  # warmup starts at this fraction of the lr
+  config.optimizer.decay_steps = ()  # schedule "steps": multiply by decay_factor at these
+  config.optimizer.decay_factor = 0.1
   config.optimizer.momentum = 0.9
   config.optimizer.nesterov = False
   config.optimizer.b1 = 0.9
