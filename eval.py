@@ -5,7 +5,10 @@
       --config.inference.mode=slide --config.inference.flip=True \
       --config.inference.scales='(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)'
 
-Prints the per-class table and writes every metric as JSON (--output, default
+  python eval.py --config configs/maskrcnn_shapes.py --checkpoint runs/maskrcnn_shapes
+
+Prints the per-class table (COCO box and mask AP for Mask R-CNN, computed by
+pycocotools) and writes every metric as JSON (--output, default
 <checkpoint>/eval_<split>.json for a workdir).
 """
 import os
@@ -29,15 +32,19 @@ def main(argv):
     from segjax.data.sources import get_dataset
     from segjax.inference.commands import evaluate_checkpoint
     from segjax.metrics import format_iou_table
+    from segjax.metrics.coco import IOU_TYPES, format_coco_table
     output = _OUTPUT.value or os.path.join(
         _CHECKPOINT.value if os.path.isdir(os.path.join(_CHECKPOINT.value, "checkpoints"))
         else os.path.dirname(os.path.abspath(_CHECKPOINT.value)),
         f"eval_{config.data.eval_split.split('[')[0]}.json")
     metrics = evaluate_checkpoint(config, _CHECKPOINT.value, output)
-    names = get_dataset(config.data.name, config.data.data_dir,
-                        config.data.manual_dir).class_names
     print(f"step {metrics['step']}, {metrics['split']}, inference {metrics['mode']}:")
-    print(format_iou_table(metrics, names))
+    if "bbox" in metrics:  # an instance model: COCO AP through pycocotools
+      print(format_coco_table({k: v for k, v in metrics.items() if k in IOU_TYPES}))
+    else:
+      names = get_dataset(config.data.name, config.data.data_dir,
+                          config.data.manual_dir).class_names
+      print(format_iou_table(metrics, names))
     print(f"metrics written to {output}")
   cli.run(evaluate)
 

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from segjax import visualization
 from segjax.data import pipeline
 from segjax.data.sources import get_dataset
-from segjax.inference import per_image
-from segjax.models import build_model
+from segjax.inference import instances, per_image
+from segjax.metrics.coco import to_coco_results
 from segjax.training import checkpointing, optimizers, sharding, trainer
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -33,14 +33,15 @@ def restore(config: ml_collections.ConfigDict, checkpoint: str):
   """(dataset, model, state, step, mesh, state shardings) of a trained checkpoint."""
   dataset = get_dataset(config.data.name, config.data.data_dir, config.data.manual_dir)
   mesh = sharding.create_mesh(config.mesh.axes)
-  model = build_model(config.model.name, dataset.num_classes, config.model.options,
-                      config.model.dtype, config.model.param_dtype)
-  tx, _ = optimizers.create_optimizer(config.optimizer, config.total_steps)
+  model = trainer.build(config, dataset)
+  tx, _ = optimizers.create_optimizer(config.optimizer, config.total_steps,
+                                      getattr(model, "frozen_params_mask", None))
   train_ops = trainer.data_ops(config, config.data.train_ops, dataset)
-  example = pipeline.example_shapes(dataset.source(config.data.train_split), train_ops)
+  example = pipeline.example_shapes(dataset.source(config.data.train_split), train_ops,
+                                    ("image",))
   abstract, shardings = trainer.abstract_train_state(model, tx, (1,) + example["image"], mesh,
                                                      config.mesh.param_rules)
-  record = checkpointing.model_record(config.model.name, dataset.num_classes, abstract.params)
+  record = checkpointing.model_record(config.model.name, model.num_classes, abstract.params)
   state, step = checkpointing.restore_state(checkpoint, abstract, record)
   return dataset, model, state, step, mesh, shardings
 
@@ -49,7 +50,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
                         output: str = "") -> Dict[str, Any]:
   """Scores a checkpoint on `data.eval_split`; writes the metrics as JSON to `output`."""
   dataset, model, state, step, mesh, shardings = restore(config, checkpoint)
-  if config.inference.mode == "batched":
+  if trainer.model_task(config) == "instance":
+    batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
+    detect_fn = instances.make_detect_fn(model, shardings, batch_sharding)
+    panel_dir = os.path.dirname(os.path.abspath(output)) if output else None
+    metrics = instances.evaluate(state, detect_fn, dataset, config, batch_sharding, panel_dir,
+                                 step)
+  elif config.inference.mode == "batched":
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
     replicated = NamedSharding(mesh, P())
     eval_fn = trainer.make_eval_fn(model, dataset, shardings, batch_sharding, replicated)
@@ -68,7 +75,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
 
 
 def _jsonable(metrics: Dict[str, Any], class_names) -> Dict[str, Any]:
-  """Scalars as floats (NaN as null) and per-class arrays as {class name: value}."""
+  """Scalars as floats (NaN as null), per-class arrays as {class name: value},
+  nested dicts (COCO's per iou type) likewise."""
   def number(x):
     return None if np.isnan(x) else float(x)
   out = {}
@@ -77,6 +85,8 @@ def _jsonable(metrics: Dict[str, Any], class_names) -> Dict[str, Any]:
       out[key] = {name: number(v) for name, v in zip(class_names, value)}
     elif isinstance(value, (float, np.floating)):
       out[key] = number(value)
+    elif isinstance(value, dict):
+      out[key] = _jsonable(value, class_names)
     else:
       out[key] = value
   return out
@@ -108,9 +118,12 @@ def read_image(path: str) -> np.ndarray:
 def predict_files(config: ml_collections.ConfigDict, checkpoint: str, input_path: str,
                   output_dir: str) -> List[str]:
   """Labels every input image; writes <stem>.png (class ids, palette) and
-  <stem>_overlay.jpg to `output_dir`; returns the written paths."""
+  <stem>_overlay.jpg to `output_dir` (instance models: <stem>.json and
+  <stem>_instances.jpg, see `predict_instances`); returns the written paths."""
   files = image_files(input_path)
   dataset, model, state, _, _, _ = restore(config, checkpoint)
+  if trainer.model_task(config) == "instance":
+    return predict_instances(config, dataset, model, state, files, output_dir)
   predictor = per_image.make_predictor(config, model, state, dataset.num_classes)
   os.makedirs(output_dir, exist_ok=True)
   written = []
@@ -124,4 +137,36 @@ def predict_files(config: ml_collections.ConfigDict, checkpoint: str, input_path
     Image.fromarray(visualization.overlay(image, labels, dataset.palette, dataset.ignore_index)).save(
         overlay_path, quality=90)
     written += [label_path, overlay_path]
+  return written
+
+
+def predict_instances(config: ml_collections.ConfigDict, dataset, model, state,
+                      files: List[str], output_dir: str,
+                      score_threshold: float = 0.5) -> List[str]:
+  """Detects instances in every file; writes <stem>.json (the COCO results format: boxes
+  [x, y, w, h], scores, category names and RLE masks, every detection) and
+  <stem>_instances.jpg (masks, boxes and labels of detections scoring >= score_threshold)."""
+  os.makedirs(output_dir, exist_ok=True)
+  names = [dataset.class_names[c] for c in dataset.thing_classes]
+  written = []
+  detector = instances.ImageDetector(config, model, state)
+  for path in tqdm(files, unit="image"):
+    image = read_image(path)
+    found = detector(image)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    masks = found.get("masks")
+    results = to_coco_results(
+        [0], found["boxes"][None], found["scores"][None], found["classes"][None],
+        None if masks is None else masks[None], found["valid"][None],
+        category_ids=range(len(names)))
+    for result in results:
+      result.pop("image_id")
+      result["category"] = names[result.pop("category_id")]
+    json_path = os.path.join(output_dir, f"{stem}.json")
+    with open(json_path, "w") as f:
+      json.dump(results, f)
+    drawn_path = os.path.join(output_dir, f"{stem}_instances.jpg")
+    Image.fromarray(instances.draw(image, {k: v[None] for k, v in found.items()}, 0, dataset,
+                                   score_threshold)).save(drawn_path, quality=90)
+    written += [json_path, drawn_path]
   return written

@@ -15,6 +15,7 @@ from segjax.inference import predict_at_original_size
 from segjax.layers import resize_bilinear
 from segjax.losses import build_loss
 from segjax.metrics import confusion_matrix
+from segjax.ops import paste_masks
 from segjax.training.train_state import TrainState
 
 
@@ -108,3 +109,48 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], confusion: jax.Arr
     logits, labels, _ = align(logits, labels, model)
     predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return confusion + confusion_matrix(predictions, labels, num_classes, ignore_index), predictions
+
+
+def detection_train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
+                         model: nn.Module, tx: optax.GradientTransformation,
+                         schedule: optax.Schedule,
+                         loss_weights: Optional[Dict[str, float]] = None
+                         ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer step of a two-stage detector (`MaskRCNN`) on a global batch.
+
+  The batch carries `image` and the padded instance rows (`boxes`, `classes`,
+  `instance_valid`, optional `is_crowd`, and `masks` or `box_masks`); the loss is
+  the weighted sum of the model's losses (weight 1 where `loss_weights` has none).
+  """
+  loss_weights = dict(loss_weights or {})
+  targets = {k: v for k, v in batch.items() if k != "image"}
+  sample_rng = jax.random.fold_in(rng, state.step)
+
+  def objective(params):
+    losses, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], targets,
+        sample_rng, train=True, mutable=["batch_stats"], method="losses")
+    total = sum(loss_weights.get(name, 1.0) * value for name, value in losses.items())
+    return total, (losses, updates)
+
+  (loss, (losses, updates)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1,
+                            params=optax.apply_updates(state.params, param_updates),
+                            batch_stats=updates["batch_stats"], opt_state=opt_state)
+  metrics = {"loss": loss, "learning_rate": schedule(state.step),
+             "grad_norm": optax.global_norm(grads),
+             **{f"loss_{name}": value for name, value in losses.items()}}
+  return new_state, metrics
+
+
+def detect(state: TrainState, images: jax.Array, *, model: nn.Module,
+           mask_threshold: Optional[float] = None) -> Dict[str, jax.Array]:
+  """Inference-mode detections of a batch; RoI masks pasted into the image as
+  probabilities [B, D, H, W] (or bool with `mask_threshold`)."""
+  out = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                    train=False)
+  if "masks" in out:
+    paste = lambda m, b: paste_masks(m, b, images.shape[1:3], threshold=mask_threshold)
+    out["masks"] = jax.vmap(paste)(out["masks"], out["boxes"])
+  return out

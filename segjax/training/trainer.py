@@ -9,7 +9,7 @@ checkpoints, TensorBoard scalars, `metrics.jsonl` and prediction panels.
 import functools
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +23,11 @@ from tqdm import tqdm
 from segjax import visualization
 from segjax.data import pipeline
 from segjax.data.sources import DatasetSpec, get_dataset
-from segjax.inference import per_image
+from segjax.inference import instances, per_image
 from segjax.losses import build_loss
 from segjax.metrics import format_iou_table, segmentation_metrics
-from segjax.models import build_model
+from segjax.metrics.coco import format_coco_table
+from segjax.models import MODELS, build_model
 from segjax.training import checkpointing, optimizers, sharding, steps
 from segjax.training.run_logging import MetricWriter
 from segjax.training.train_state import TrainState
@@ -43,7 +44,8 @@ def create_train_state(model, tx, rng: jax.Array, input_shape: Tuple[int, ...], 
   state_shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh, param_rules)
   state = jax.jit(init, out_shardings=state_shardings)(rng)
   if init_from:
-    state = load_pretrained(state, tx, init_from, state_shardings)
+    state = load_pretrained(state, tx, init_from, state_shardings,
+                            getattr(model, "pretrained_path", ("backbone",)))
   return state, state_shardings
 
 
@@ -74,39 +76,87 @@ def make_eval_fn(model, dataset: DatasetSpec, state_shardings, batch_sharding, r
       out_shardings=(replicated, batch_sharding), donate_argnums=(2,))
 
 
-def load_pretrained(state: TrainState, tx, path: str, state_shardings) -> TrainState:
-  """Replaces the encoder (`backbone`) variables with those of a converted
-  checkpoint (`python -m segjax.convert`), e.g. ImageNet-trained weights."""
+def _subtree(tree, path):
+  for key in path:
+    tree = tree.get(key, {}) if isinstance(tree, Mapping) else {}
+  return tree
+
+
+def _replace_subtree(tree, path, value):
+  if not path:
+    return value
+  tree = dict(tree)
+  tree[path[0]] = _replace_subtree(tree[path[0]], path[1:], value)
+  return tree
+
+
+def load_pretrained(state: TrainState, tx, path: str, state_shardings,
+                    encoder_path: Tuple[str, ...] = ("backbone",)) -> TrainState:
+  """Loads a converted checkpoint (`python -m segjax.convert`) into the state.
+
+  A file whose top-level modules are all modules of this model (a whole converted
+  detector, e.g. torchvision's maskrcnn_resnet50_fpn) replaces those modules; any
+  other file is encoder weights (e.g. ImageNet ResNet-50) for the subtree at
+  `encoder_path` (the model's `pretrained_path`).
+  """
   from segjax.convert import load_variables
   if not os.path.exists(path):
     raise ValueError(f"model.init_from file {path} does not exist; convert PyTorch weights "
                      "with `python -m segjax.convert`.")
   pretrained = load_variables(path)
-  params, batch_stats = dict(state.params), dict(state.batch_stats)
-  if "backbone" not in params:
-    raise ValueError("model.init_from loads encoder weights, but this model has no "
-                     "'backbone' module.")
-  for name, ours, theirs in (("params", params["backbone"], pretrained.get("params", {})),
-                             ("batch_stats", batch_stats.get("backbone", {}),
-                              pretrained.get("batch_stats", {}))):
-    want = jax.tree.map(lambda x: x.shape, ours)
-    got = jax.tree.map(lambda x: x.shape, theirs)
+  ours = {"params": dict(state.params), "batch_stats": dict(state.batch_stats)}
+  theirs = {k: dict(pretrained.get(k, {})) for k in ours}
+  whole_model = bool(theirs["params"]) and set(theirs["params"]) <= set(ours["params"])
+  if whole_model:
+    places = [(col, (name,), tree) for col in ours for name, tree in theirs[col].items()]
+  else:
+    if not _subtree(ours["params"], encoder_path):
+      raise ValueError(f"model.init_from loads encoder weights, but this model has no "
+                       f"{'/'.join(encoder_path)} module.")
+    places = [(col, encoder_path, theirs[col]) for col in ours if theirs[col]]
+  for col, where, value in places:
+    want = jax.tree.map(lambda x: x.shape, _subtree(ours[col], where))
+    got = jax.tree.map(lambda x: x.shape, value)
     if want != got:
-      raise ValueError(f"{path} does not fit this model's encoder: its {name} have other "
-                       "names or shapes (check the --arch it was converted with and the "
-                       "model's backbone and width).")
-  params["backbone"] = pretrained["params"]
-  if "backbone" in batch_stats:
-    batch_stats["backbone"] = pretrained["batch_stats"]
-  fresh = TrainState.create(params, batch_stats, tx)
+      raise ValueError(f"{path} does not fit this model: its {col} for {'/'.join(where)} have "
+                       "other names or shapes (check the --arch it was converted with and the "
+                       "model's backbone, width and number of classes).")
+    ours[col] = _replace_subtree(ours[col], where, value)
+  fresh = TrainState.create(ours["params"], ours["batch_stats"], tx)
   return jax.device_put(jax.tree.map(jnp.asarray, fresh), state_shardings)
 
 
+def model_task(config: ml_collections.ConfigDict) -> str:
+  """"semantic" (per-pixel logits) or "instance" (a detector such as Mask R-CNN)."""
+  return getattr(MODELS.get(config.model.name), "task", "semantic")
+
+
+def build(config: ml_collections.ConfigDict, dataset: DatasetSpec):
+  """The config's model for `dataset`: semantic models predict every class, instance
+  models the dataset's thing classes."""
+  num_classes = dataset.num_classes
+  if model_task(config) == "instance":
+    if not dataset.thing_classes:
+      raise ValueError(f"Model {config.model.name!r} detects instances, but dataset "
+                       f"{dataset.name!r} has no instance annotations; use a dataset with "
+                       "objects (segjax_shapes, coco_instances, cityscapes).")
+    num_classes = len(dataset.thing_classes)
+  return build_model(config.model.name, num_classes, config.model.options, config.model.dtype,
+                     config.model.param_dtype)
+
+
 def data_ops(config: ml_collections.ConfigDict, ops: str, dataset: DatasetSpec) -> str:
-  """The configured ops between the input checks and normalization every pipeline runs."""
+  """The configured ops between the input checks and normalization every pipeline runs;
+  for instance models, class ids become thing indices unless they already are."""
   mean, std = tuple(config.data.mean), tuple(config.data.std)
-  parts = ["squeeze_labels", "check_image", ops, f"normalize(mean={mean}, std={std})",
-           f"check_labels(num_classes={dataset.num_classes}, ignore_index={dataset.ignore_index})"]
+  parts = ["squeeze_labels", "check_image", ops, f"normalize(mean={mean}, std={std})"]
+  if model_task(config) == "instance":
+    things = tuple(dataset.thing_classes)
+    if things != tuple(range(len(things))):
+      parts.insert(2, f"thing_classes(ids={things})")
+  else:
+    parts.append(f"check_labels(num_classes={dataset.num_classes}, "
+                 f"ignore_index={dataset.ignore_index})")
   return "|".join(p for p in parts if p)
 
 
@@ -144,9 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   mesh = sharding.create_mesh(config.mesh.axes)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
   replicated = NamedSharding(mesh, P())
-  model = build_model(config.model.name, dataset.num_classes, config.model.options,
-                      config.model.dtype, config.model.param_dtype)
-  tx, schedule = optimizers.create_optimizer(config.optimizer, config.total_steps)
+  model = build(config, dataset)
+  instance = model_task(config) == "instance"
+  tx, schedule = optimizers.create_optimizer(config.optimizer, config.total_steps,
+                                             getattr(model, "frozen_params_mask", None))
   class_weights = tuple(config.loss.class_weights) or None
   loss_fn = build_loss(config.loss.terms)
   if class_weights and len(class_weights) != dataset.num_classes:
@@ -155,37 +206,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   train_source = dataset.source(config.data.train_split)
   train_ops = data_ops(config, config.data.train_ops, dataset)
-  example = pipeline.example_shapes(train_source, train_ops)
+  keys = pipeline.INSTANCE_KEYS if instance else pipeline.MODEL_KEYS
+  optional_keys = pipeline.OPTIONAL_INSTANCE_KEYS if instance else pipeline.OPTIONAL_TRAIN_KEYS
+  example = pipeline.example_shapes(train_source, train_ops, keys)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state, state_shardings = create_train_state(
       model, tx, init_rng, (1,) + example["image"], mesh, config.mesh.param_rules,
       config.model.init_from)
   train_iter = pipeline.train_iterator(train_source, train_ops, config.data.batch_size,
                                        config.seed, config.data.num_threads,
-                                       config.data.num_workers)
+                                       config.data.num_workers, keys, optional_keys)
 
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
-  record = checkpointing.model_record(config.model.name, dataset.num_classes, state.params)
+  record = checkpointing.model_record(config.model.name, model.num_classes, state.params)
   restored = checkpointing.restore_latest(manager, state, train_iter, record)
   if restored is not None:
     state = restored
     if jax.process_index() == 0:
       tqdm.write(f"Resuming from the checkpoint of step {int(state.step)} in {manager.directory}.")
 
-  train_fn = jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                        ignore_index=dataset.ignore_index, loss_fn=loss_fn,
-                        class_weights=class_weights,
-                        aux_weight=config.loss.aux_weight),
-      in_shardings=(state_shardings, batch_sharding, replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  eval_fn = make_eval_fn(model, dataset, state_shardings, batch_sharding, replicated)
+  if instance:
+    step_fn = functools.partial(steps.detection_train_step, model=model, tx=tx,
+                                schedule=schedule, loss_weights=dict(config.loss.detection))
+    eval_fn = instances.make_detect_fn(model, state_shardings, batch_sharding)
+  else:
+    step_fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
+                                ignore_index=dataset.ignore_index, loss_fn=loss_fn,
+                                class_weights=class_weights, aux_weight=config.loss.aux_weight)
+    eval_fn = make_eval_fn(model, dataset, state_shardings, batch_sharding, replicated)
+  train_fn = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
   writer = MetricWriter(workdir)
   start_step = int(state.step)
   progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0, desc=config.model.name)
   def run_eval(step: int) -> Dict[str, Any]:
+    if instance:
+      metrics = instances.evaluate(state, eval_fn, dataset, config, batch_sharding, workdir,
+                                   step)
+      writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()  # nan: no such gt
+                            if not isinstance(v, dict) and np.isfinite(v)})
+      table = format_coco_table({k: v for k, v in metrics.items() if isinstance(v, dict)})
+      writer.text(step, "eval/coco", table)
+      progress.write(f"step {step} eval on {config.data.eval_split}:\n{table}")
+      return metrics
     if config.inference.mode == "batched":
       metrics = evaluate(state, eval_fn, dataset, config, batch_sharding, replicated, workdir,
                          step)
