@@ -16,6 +16,7 @@ from segjax.convert.common import (CONVERTERS, convert_state_dict, load_variable
                                    read_state_dict, save_variables)
 from segjax.convert.fpn import torch_resnet_fpn_to_flax
 from segjax.convert.resnet import torch_resnet_to_flax, torch_segmentation_to_flax
+import segjax.convert.mask_rcnn  # noqa: F401
 import segjax.convert.mobilenet_v2  # noqa: F401
 import segjax.convert.vgg  # noqa: F401
 

@@ -16,7 +16,7 @@ any it needs and the state dict lacks, is an error.
 import re
 from typing import Any, Dict, Mapping
 
-from segjax.convert.common import CONVERTERS, convert_state_dict
+from segjax.convert.common import convert_state_dict
 from segjax.convert.resnet import _torch_module as _resnet_torch_module
 from segjax.models.fpn import ResNetFPN
 
@@ -41,8 +41,3 @@ def torch_resnet_fpn_to_flax(state_dict: Mapping[str, Any], backbone: str = "res
 
   return convert_state_dict(state_dict, model, torch_module, ignored,
                             f"torchvision {backbone} FPN backbone")
-
-
-# Whole detector checkpoints: the backbone (body + FPN) under "backbone.".
-for _arch in ("maskrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn"):
-  CONVERTERS.register(_arch)(torch_resnet_fpn_to_flax)
