@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from segjax.data import sources, transforms
-from segjax.models import build_model
+from segjax.models import MODELS, build_model
 
 CONFIGS = {
     "unet_shapes": ("", "smoke"),
@@ -18,21 +18,29 @@ CONFIGS = {
     "fcn8s_voc": ("", "smoke"),
     "segnet_camvid": ("", "smoke"),
     "unet_cityscapes": ("", "smoke"),
+    "maskrcnn_shapes": ("", "smoke"),
+    "maskrcnn_coco": ("", "3x", "smoke"),
+    "fasterrcnn_coco": ("", "3x", "smoke"),
 }
 
 
-def _class_names(name):
+def _num_classes(name, model_name):
+  """The dataset's classes, or its thing classes for an instance model."""
   if name == "segjax_shapes":
     from segjax.data import shapes
-    return shapes.CLASS_NAMES
-  return sources.archive_dataset(name).class_names
+    names, things = shapes.CLASS_NAMES, shapes.THING_CLASSES
+  else:
+    dataset = sources.archive_dataset(name)
+    names, things = dataset.class_names, dataset.thing_classes
+  instance = getattr(MODELS.get(model_name), "task", "semantic") == "instance"
+  return len(things) if instance else len(names)
 
 
 @pytest.mark.parametrize("module,variant", [(m, v) for m, vs in CONFIGS.items() for v in vs])
 def test_config_builds(module, variant):
   config = importlib.import_module(f"configs.{module}").get_config(variant)
   assert config.data.name in sources.DATASETS.names()
-  num_classes = len(_class_names(config.data.name))
+  num_classes = _num_classes(config.data.name, config.model.name)
   assert not config.loss.class_weights or len(config.loss.class_weights) == num_classes
   for ops in (config.data.train_ops, config.data.eval_ops):
     transforms.parse_pipeline(ops)
