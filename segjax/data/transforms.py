@@ -893,6 +893,49 @@ def crop_masks(size: int = 64) -> Op:
   return fn
 
 
+@PREPROCESS_OPS.register("panoptic_semantic")
+def panoptic_semantic(stuff_classes, ignore_index: int = 255, things: str = "merge") -> Op:
+  """The `label` target of Panoptic FPN's semantic branch.
+
+  things="merge" (detectron2): every thing pixel (a class not in
+  `stuff_classes`) -> 0 and stuff class `stuff_classes[j]` -> j + 1, so the head
+  predicts len(stuff_classes) + 1 classes and leaves the things to the instance
+  branch. things="keep": `label` unchanged, for a head predicting all classes
+  (UPSNet-style fusion). Ignore pixels stay `ignore_index` in both.
+  """
+  op = "panoptic_semantic"
+  _check(isinstance(stuff_classes, (tuple, list)) and len(stuff_classes) > 0
+         and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                 for c in stuff_classes) and len(set(stuff_classes)) == len(stuff_classes),
+         op, "stuff_classes", "a non-empty tuple of distinct class ids >= 0", stuff_classes)
+  _check_int(ignore_index, op, "ignore_index")
+  _check(things in ("merge", "keep"), op, "things", '"merge" or "keep"', things)
+  if ignore_index in stuff_classes:
+    raise ValueError(f"{op}: ignore_index {ignore_index} is among stuff_classes "
+                     f"{tuple(stuff_classes)}; a class id cannot also mean 'ignore'.")
+  if things == "merge" and ignore_index <= len(stuff_classes):
+    raise ValueError(f"{op}: merged classes 0-{len(stuff_classes)} would include "
+                     f"ignore_index {ignore_index}; use an ignore_index above "
+                     f"{len(stuff_classes)}.")
+  order = np.argsort(stuff_classes)
+  sorted_stuff = np.asarray(stuff_classes, np.int64)[order]
+
+  def fn(example, rng):
+    del rng
+    label = _require(example, "label", op)
+    if label.ndim != 2:
+      raise ValueError(f"{op}: `label` must be (H, W) class ids, got shape {label.shape}; "
+                       "run squeeze_labels first.")
+    if things == "keep":
+      return example
+    ids = label.astype(np.int64)
+    pos = np.minimum(np.searchsorted(sorted_stuff, ids), len(sorted_stuff) - 1)
+    merged = np.where(sorted_stuff[pos] == ids, order[pos] + 1, 0)
+    merged = np.where(ids == ignore_index, ignore_index, merged)
+    return {**example, "label": merged.astype(label.dtype)}
+  return fn
+
+
 @PREPROCESS_OPS.register("keep")
 def keep(keys) -> Op:
   """Keeps only `keys`, e.g. to drop strings and ids before batching."""
