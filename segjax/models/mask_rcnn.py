@@ -92,12 +92,13 @@ class MaskRCNN(nn.Module):
       self.mask_head = MaskHead(self.num_classes, self.mask_channels, self.mask_num_convs, **kw)
 
   def _features(self, images, train: bool):
+    """(FPN features {"p2".."p6"}, RPN objectness and deltas per level, anchors per level)."""
     features = self.body(images, train)
     objectness, deltas = self.rpn_head([features[k] for k in RPN_LEVELS])
     anchors = generate_anchors(images.shape[1:3], STRIDES, tuple(self.anchor_sizes),
                                tuple(self.aspect_ratios),
                                [features[k].shape[1:3] for k in RPN_LEVELS])
-    return [features[k] for k in ROI_LEVELS], objectness, deltas, anchors
+    return features, objectness, deltas, anchors
 
   def _proposals(self, objectness, deltas, anchors, image_sizes, train: bool):
     """Fixed proposal slots per image: (boxes [B, N, 4], valid [B, N])."""
@@ -130,10 +131,16 @@ class MaskRCNN(nn.Module):
       `mask`, also masks [B, D, 28, 28]: the mask probabilities of each detection's class on
       its box, to paste with `segjax.ops.paste_masks`.
     """
+    out = self._detect(*self._features(images, train), images, image_sizes)
+    out.pop("mask_logits", None)
+    return out
+
+  def _detect(self, features, objectness, deltas, anchors, images, image_sizes):
+    """Inference detections (as `__call__`, plus the RoI `mask_logits` of each class)."""
     batch = images.shape[0]
     if image_sizes is None:
       image_sizes = jnp.tile(jnp.asarray(images.shape[1:3], jnp.int32), (batch, 1))
-    levels, objectness, deltas, anchors = self._features(images, train)
+    levels = [features[k] for k in ROI_LEVELS]
     proposals, proposal_valid = self._proposals(objectness, deltas, anchors, image_sizes, False)
     class_logits, box_deltas = self.box_head(self._pool(levels, proposals, 7))
 
@@ -149,6 +156,7 @@ class MaskRCNN(nn.Module):
       logits = self.mask_head(self._pool(levels, boxes, 14)).astype(jnp.float32)
       own = jnp.take_along_axis(logits, (classes + 1)[:, :, None, None, None], axis=-1)[..., 0]
       out["masks"] = jnp.where(valid[:, :, None, None], jax.nn.sigmoid(own), 0.0)
+      out["mask_logits"] = own
     return out
 
   def losses(self, images, targets: Mapping[str, jax.Array], rng: jax.Array,
@@ -164,6 +172,10 @@ class MaskRCNN(nn.Module):
       rng: PRNG key for anchor and RoI sampling.
       train: BatchNorm mode (only with frozen_bn=False).
     """
+    return self._detector_losses(*self._features(images, train), images, targets, rng)
+
+  def _detector_losses(self, features, objectness, deltas, anchors, images, targets, rng):
+    """The losses of `losses` from computed features."""
     batch = images.shape[0]
     gt_boxes = targets["boxes"].astype(jnp.float32)
     gt_valid = targets["instance_valid"].astype(bool)
@@ -172,8 +184,7 @@ class MaskRCNN(nn.Module):
     gt_crowd = (jnp.zeros_like(gt_valid) if gt_crowd is None else gt_crowd.astype(bool))
     image_sizes = jnp.tile(jnp.asarray(images.shape[1:3], jnp.int32), (batch, 1))
     rpn_rng, roi_rng = jax.random.split(rng)
-
-    levels, objectness, deltas, anchors = self._features(images, train)
+    levels = [features[k] for k in ROI_LEVELS]
     all_anchors = jnp.concatenate(anchors)
     rpn_t = jax.vmap(lambda b, v, c, k: rpn_targets(
         all_anchors, b, v, k, gt_is_crowd=c, high=self.rpn_fg_iou, low=self.rpn_bg_iou,
