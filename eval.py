@@ -33,13 +33,16 @@ def main(argv):
     from segjax.inference.commands import evaluate_checkpoint
     from segjax.metrics import format_iou_table
     from segjax.metrics.coco import IOU_TYPES, format_coco_table
+    from segjax.metrics.panoptic import format_pq_table
     output = _OUTPUT.value or os.path.join(
         _CHECKPOINT.value if os.path.isdir(os.path.join(_CHECKPOINT.value, "checkpoints"))
         else os.path.dirname(os.path.abspath(_CHECKPOINT.value)),
         f"eval_{config.data.eval_split.split('[')[0]}.json")
     metrics = evaluate_checkpoint(config, _CHECKPOINT.value, output)
     print(f"step {metrics['step']}, {metrics['split']}, inference {metrics['mode']}:")
-    if "bbox" in metrics:  # an instance model: COCO AP through pycocotools
+    if "pq" in metrics:  # a panoptic model: PQ as panopticapi's pq_compute
+      print(format_pq_table(metrics["pq"], metrics["categories"]))
+    elif "bbox" in metrics:  # an instance model: COCO AP through pycocotools
       print(format_coco_table({k: v for k, v in metrics.items() if k in IOU_TYPES}))
     else:
       names = get_dataset(config.data.name, config.data.data_dir,

@@ -8,7 +8,10 @@
 For each image writes <name>.png (a palette PNG whose pixel values are class
 ids) and <name>_overlay.jpg (the image blended with the class colours), at the
 image's own size. `inference.mode` "batched" is trained-size evaluation only,
-so "whole" is used in its place.
+so "whole" is used in its place. Instance models (Mask R-CNN) write <name>.json
+(COCO results) and <name>_instances.jpg; panoptic models (Panoptic FPN) write
+<name>.png (COCO panoptic ids as RGB) and one predictions.json that
+`segjax.metrics.pq_compute` reads.
 """
 from absl import app, flags
 

@@ -47,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.aux_weight = 0.4  # weight of an auxiliary head's loss (PSPNet, DeepLabV3)
   # Detectors (mask_rcnn): weight of each of the model's losses in the total.
   config.loss.detection = ml_collections.ConfigDict(
-      {"rpn_objectness": 1.0, "rpn_box": 1.0, "classifier": 1.0, "box": 1.0, "mask": 1.0})
+      {"rpn_objectness": 1.0, "rpn_box": 1.0, "classifier": 1.0, "box": 1.0, "mask": 1.0,
+       "semantic": 0.5})  # semantic: Panoptic FPN's lambda_s
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "sgd"  # sgd | adamw
@@ -85,6 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.inference.scales = (1.0,)  # test-time augmentation: ratios of `scale`
   config.inference.flip = False  # test-time augmentation: add horizontal flips
   config.inference.label_ops = ""  # whole/slide: ops on the label only, e.g. reduce_zero_label
+  # Panoptic FPN fusion (detectron2's defaults; model.options.fusion picks the method).
+  config.inference.panoptic = ml_collections.ConfigDict(
+      {"overlap_threshold": 0.5, "stuff_area_threshold": 4096, "instance_score_threshold": 0.5,
+       "unknown": False})
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.axes = (("data", -1),)  # (name, size); -1 = all remaining devices

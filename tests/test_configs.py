@@ -21,30 +21,40 @@ CONFIGS = {
     "maskrcnn_shapes": ("", "smoke"),
     "maskrcnn_coco": ("", "3x", "smoke"),
     "fasterrcnn_coco": ("", "3x", "smoke"),
+    "panoptic_fpn_shapes": ("", "smoke"),
+    "panoptic_fpn_coco": ("", "3x", "smoke"),
+    "panoptic_fpn_cityscapes": ("", "smoke"),
 }
 
 
-def _num_classes(name, model_name):
-  """The dataset's classes, or its thing classes for an instance model."""
+def _classes(name, model_name):
+  """(number of model classes, extra constructor options): the dataset's classes, or its
+  thing classes for an instance model, plus thing/stuff ids for a panoptic one."""
   if name == "segjax_shapes":
     from segjax.data import shapes
     names, things = shapes.CLASS_NAMES, shapes.THING_CLASSES
   else:
     dataset = sources.archive_dataset(name)
     names, things = dataset.class_names, dataset.thing_classes
-  instance = getattr(MODELS.get(model_name), "task", "semantic") == "instance"
-  return len(things) if instance else len(names)
+  task = getattr(MODELS.get(model_name), "task", "semantic")
+  if task == "semantic":
+    return len(names), {}
+  extra = {}
+  if task == "panoptic":
+    extra = dict(thing_classes=tuple(things),
+                 stuff_classes=tuple(c for c in range(len(names)) if c not in things))
+  return len(things), extra
 
 
 @pytest.mark.parametrize("module,variant", [(m, v) for m, vs in CONFIGS.items() for v in vs])
 def test_config_builds(module, variant):
   config = importlib.import_module(f"configs.{module}").get_config(variant)
   assert config.data.name in sources.DATASETS.names()
-  num_classes = _num_classes(config.data.name, config.model.name)
+  num_classes, extra = _classes(config.data.name, config.model.name)
   assert not config.loss.class_weights or len(config.loss.class_weights) == num_classes
   for ops in (config.data.train_ops, config.data.eval_ops):
     transforms.parse_pipeline(ops)
-  model = build_model(config.model.name, num_classes, config.model.options)
+  model = build_model(config.model.name, num_classes, {**config.model.options, **extra})
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   if config.model.name != "unet_valid":
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)

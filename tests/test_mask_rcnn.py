@@ -215,3 +215,13 @@ def test_whole_detector_weights_load_with_init_from(trained, tmp_path):
   same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
                       loaded.params, load_variables(path)["params"])
   assert all(jax.tree.leaves(same))
+
+
+def test_faster_rcnn_trains_and_reports_box_ap_only(trained, tmp_path):
+  config = _smoke_config(fasterrcnn_coco, trained[0])
+  config.unlock()
+  config.total_steps = config.eval_every = config.checkpoint_every = 2
+  config.lock()
+  result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert "bbox" in result and "segm" not in result
+  assert 0 <= result["bbox_AP"] <= 1

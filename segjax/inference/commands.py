@@ -22,7 +22,7 @@ from tqdm import tqdm
 from segjax import visualization
 from segjax.data import pipeline
 from segjax.data.sources import get_dataset
-from segjax.inference import instances, per_image
+from segjax.inference import instances, panoptic_eval, per_image
 from segjax.metrics.coco import to_coco_results
 from segjax.training import checkpointing, optimizers, sharding, trainer
 
@@ -50,7 +50,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
                         output: str = "") -> Dict[str, Any]:
   """Scores a checkpoint on `data.eval_split`; writes the metrics as JSON to `output`."""
   dataset, model, state, step, mesh, shardings = restore(config, checkpoint)
-  if trainer.model_task(config) == "instance":
+  if trainer.model_task(config) == "panoptic":
+    batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
+    segment_fn = panoptic_eval.make_segment_fn(model, config, shardings, batch_sharding)
+    metrics = panoptic_eval.evaluate(state, segment_fn, dataset, config, model, batch_sharding)
+  elif trainer.model_task(config) == "instance":
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
     detect_fn = instances.make_detect_fn(model, shardings, batch_sharding)
     panel_dir = os.path.dirname(os.path.abspath(output)) if output else None
@@ -124,6 +128,9 @@ def predict_files(config: ml_collections.ConfigDict, checkpoint: str, input_path
   dataset, model, state, _, _, _ = restore(config, checkpoint)
   if trainer.model_task(config) == "instance":
     return predict_instances(config, dataset, model, state, files, output_dir)
+  if trainer.model_task(config) == "panoptic":
+    return panoptic_eval.predict_files(config, dataset, model, state, files, output_dir,
+                                       read_image)
   predictor = per_image.make_predictor(config, model, state, dataset.num_classes)
   os.makedirs(output_dir, exist_ok=True)
   written = []

@@ -23,10 +23,11 @@ from tqdm import tqdm
 from segjax import visualization
 from segjax.data import pipeline
 from segjax.data.sources import DatasetSpec, get_dataset
-from segjax.inference import instances, per_image
+from segjax.inference import instances, panoptic_eval, per_image
 from segjax.losses import build_loss
 from segjax.metrics import format_iou_table, segmentation_metrics
 from segjax.metrics.coco import format_coco_table
+from segjax.metrics.panoptic import format_pq_table
 from segjax.models import MODELS, build_model
 from segjax.training import checkpointing, optimizers, sharding, steps
 from segjax.training.run_logging import MetricWriter
@@ -127,21 +128,27 @@ def load_pretrained(state: TrainState, tx, path: str, state_shardings,
 
 
 def model_task(config: ml_collections.ConfigDict) -> str:
-  """"semantic" (per-pixel logits) or "instance" (a detector such as Mask R-CNN)."""
+  """"semantic" (per-pixel logits), "instance" (a detector such as Mask R-CNN) or
+  "panoptic" (Panoptic FPN)."""
   return getattr(MODELS.get(config.model.name), "task", "semantic")
 
 
 def build(config: ml_collections.ConfigDict, dataset: DatasetSpec):
   """The config's model for `dataset`: semantic models predict every class, instance
   models the dataset's thing classes."""
-  num_classes = dataset.num_classes
-  if model_task(config) == "instance":
+  num_classes, options = dataset.num_classes, dict(config.model.options)
+  task = model_task(config)
+  if task in ("instance", "panoptic"):
     if not dataset.thing_classes:
       raise ValueError(f"Model {config.model.name!r} detects instances, but dataset "
                        f"{dataset.name!r} has no instance annotations; use a dataset with "
-                       "objects (segjax_shapes, coco_instances, cityscapes).")
+                       "objects (segjax_shapes, coco_instances, coco_panoptic, cityscapes).")
     num_classes = len(dataset.thing_classes)
-  return build_model(config.model.name, num_classes, config.model.options, config.model.dtype,
+  if task == "panoptic":
+    options.update(thing_classes=tuple(dataset.thing_classes),
+                   stuff_classes=panoptic_eval.stuff_classes(dataset),
+                   ignore_index=dataset.ignore_index)
+  return build_model(config.model.name, num_classes, options, config.model.dtype,
                      config.model.param_dtype)
 
 
@@ -150,11 +157,15 @@ def data_ops(config: ml_collections.ConfigDict, ops: str, dataset: DatasetSpec) 
   for instance models, class ids become thing indices unless they already are."""
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   parts = ["squeeze_labels", "check_image", ops, f"normalize(mean={mean}, std={std})"]
-  if model_task(config) == "instance":
+  task = model_task(config)
+  if task in ("instance", "panoptic"):
     things = tuple(dataset.thing_classes)
     if things != tuple(range(len(things))):
       parts.insert(2, f"thing_classes(ids={things})")
-  else:
+  if task == "panoptic" and config.model.options.get("fusion", "heuristic") == "heuristic":
+    parts.insert(-1, f"panoptic_semantic(stuff_classes={panoptic_eval.stuff_classes(dataset)}, "
+                     f"ignore_index={dataset.ignore_index})")
+  if task == "semantic":
     parts.append(f"check_labels(num_classes={dataset.num_classes}, "
                  f"ignore_index={dataset.ignore_index})")
   return "|".join(p for p in parts if p)
@@ -195,7 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
   replicated = NamedSharding(mesh, P())
   model = build(config, dataset)
-  instance = model_task(config) == "instance"
+  task = model_task(config)
+  instance = task in ("instance", "panoptic")
   tx, schedule = optimizers.create_optimizer(config.optimizer, config.total_steps,
                                              getattr(model, "frozen_params_mask", None))
   class_weights = tuple(config.loss.class_weights) or None
@@ -207,6 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   train_source = dataset.source(config.data.train_split)
   train_ops = data_ops(config, config.data.train_ops, dataset)
   keys = pipeline.INSTANCE_KEYS if instance else pipeline.MODEL_KEYS
+  if task == "panoptic":
+    keys += ("label",)
   optional_keys = pipeline.OPTIONAL_INSTANCE_KEYS if instance else pipeline.OPTIONAL_TRAIN_KEYS
   example = pipeline.example_shapes(train_source, train_ops, keys)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
@@ -228,7 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if instance:
     step_fn = functools.partial(steps.detection_train_step, model=model, tx=tx,
                                 schedule=schedule, loss_weights=dict(config.loss.detection))
-    eval_fn = instances.make_detect_fn(model, state_shardings, batch_sharding)
+    eval_fn = (instances.make_detect_fn(model, state_shardings, batch_sharding)
+               if task == "instance" else
+               panoptic_eval.make_segment_fn(model, config, state_shardings, batch_sharding))
   else:
     step_fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
                                 ignore_index=dataset.ignore_index, loss_fn=loss_fn,
@@ -242,6 +258,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0, desc=config.model.name)
   def run_eval(step: int) -> Dict[str, Any]:
+    if task == "panoptic":
+      metrics = panoptic_eval.evaluate(state, eval_fn, dataset, config, model, batch_sharding)
+      writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()
+                            if isinstance(v, float) and np.isfinite(v)})
+      table = format_pq_table(metrics["pq"], metrics["categories"])
+      writer.text(step, "eval/pq", table)
+      progress.write(f"step {step} eval on {config.data.eval_split}:\n{table}")
+      return metrics
     if instance:
       metrics = instances.evaluate(state, eval_fn, dataset, config, batch_sharding, workdir,
                                    step)
