@@ -119,9 +119,10 @@ def load_pretrained(state: TrainState, tx, path: str, state_shardings,
     want = jax.tree.map(lambda x: x.shape, _subtree(ours[col], where))
     got = jax.tree.map(lambda x: x.shape, value)
     if want != got:
-      raise ValueError(f"{path} does not fit this model: its {col} for {'/'.join(where)} have "
-                       "other names or shapes (check the --arch it was converted with and the "
-                       "model's backbone, width and number of classes).")
+      part = "modules" if whole_model else "encoder"
+      raise ValueError(f"{path} does not fit this model's {part}: its {col} for "
+                       f"{'/'.join(where)} have other names or shapes (check the --arch it was "
+                       "converted with and the model's backbone, width and number of classes).")
     ours[col] = _replace_subtree(ours[col], where, value)
   fresh = TrainState.create(ours["params"], ours["batch_stats"], tx)
   return jax.device_put(jax.tree.map(jnp.asarray, fresh), state_shardings)
