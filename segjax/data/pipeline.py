@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterator, Optional
 import grain
 from absl import flags
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from segjax.data import transforms
@@ -113,6 +114,26 @@ def eval_batches(source, ops: str, global_batch_size: int, ignore_index: int,
     examples = list(itertools.islice(it, local))
     examples += [blank] * (local - len(examples))
     yield {k: np.stack([e[k] for e in examples]) for k in keys}
+
+
+def eval_slots(source, global_batch_size: int, batch_index: int):
+  """Which rows of `eval_batches`' batch `batch_index`, gathered from every process in
+  process order (`to_host`), are real examples, and their index in the split.
+
+  Returns (real [global batch] bool, split_index [global batch] int): process p's slot j
+  holds its example batch_index * local + j, which is record p + that * process_count.
+  """
+  count = jax.process_count()
+  local = local_batch_size(global_batch_size)
+  sizes = np.asarray([len(process_slice(source, p, count)) for p in range(count)])
+  slot = np.tile(np.arange(local), count) + batch_index * local
+  process = np.repeat(np.arange(count), local)
+  return slot < sizes[process], process + slot * count
+
+
+def to_host(tree) -> Any:
+  """Global arrays -> numpy arrays of the whole global batch, on every process."""
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def to_global(local_batch: Dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> Any:

@@ -1,7 +1,7 @@
 """Instance segmentation inference: batched detections at the original resolution,
 scored with COCO AP (pycocotools) against ground truth built from the eval split.
 
-Training's evaluation and eval.py both use `evaluate`; predict.py uses `detect_images`.
+Training's evaluation and eval.py both use `evaluate`; predict.py uses `ImageDetector`.
 """
 import functools
 import os
@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from segjax import visualization
 from segjax.data import pipeline
@@ -55,10 +54,6 @@ def make_detect_fn(model, state_shardings, batch_sharding):
                  in_shardings=(state_shardings, batch_sharding), out_shardings=batch_sharding)
 
 
-def _gather(tree):
-  return jax.tree.map(lambda x: np.asarray(x), multihost_utils.process_allgather(tree, tiled=True))
-
-
 def evaluate(state, detect_fn, dataset: DatasetSpec, config: ml_collections.ConfigDict,
              batch_sharding, workdir: Optional[str] = None, step: int = 0) -> Dict[str, Any]:
   """COCO box (and mask) AP of `state` on `data.eval_split`.
@@ -71,9 +66,6 @@ def evaluate(state, detect_fn, dataset: DatasetSpec, config: ml_collections.Conf
   from segjax.training.trainer import data_ops  # the trainer imports this module
   source = dataset.source(config.data.eval_split)
   ops = data_ops(config, config.data.eval_ops, dataset)
-  local = pipeline.local_batch_size(config.data.eval_batch_size)
-  count = jax.process_count()
-  sizes = [len(pipeline.process_slice(source, p, count)) for p in range(count)]
   thing_names = [dataset.class_names[c] for c in dataset.thing_classes]
   gt = GroundTruthBuilder(thing_names)
   results, panel = [], None
@@ -81,12 +73,10 @@ def evaluate(state, detect_fn, dataset: DatasetSpec, config: ml_collections.Conf
   for i, batch in enumerate(pipeline.eval_batches(
       source, ops, config.data.eval_batch_size, dataset.ignore_index,
       keys=pipeline.INSTANCE_KEYS, optional_keys=("is_crowd", "masks"))):
-    detections = _gather(detect_fn(state, pipeline.to_global(batch, batch_sharding)))
-    truth = _gather(batch)
-    slot = np.tile(np.arange(local), count) + i * local
-    process = np.repeat(np.arange(count), local)
-    real = slot < np.asarray(sizes)[process]
-    image_ids = process + slot * count + 1
+    detections = pipeline.to_host(detect_fn(state, pipeline.to_global(batch, batch_sharding)))
+    truth = pipeline.to_host(batch)
+    real, index = pipeline.eval_slots(source, config.data.eval_batch_size, i)
+    image_ids = index + 1
     frame = truth["masks"].shape[2:4] if "masks" in truth else truth["image"].shape[1:3]
     image_sizes = truth.get("original_size", np.tile(frame, (len(real), 1)))
     for b in np.flatnonzero(real):
@@ -137,6 +127,16 @@ def save_panel(path: str, batch: Dict[str, np.ndarray], detections: Dict[str, np
   visualization.save_png(path, row)
 
 
+def padded_input(image: np.ndarray, mean, std, size_divisor: int = 32) -> np.ndarray:
+  """A uint8 RGB image as a model input [1, H', W', 3]: normalized, then zero-padded
+  bottom/right to multiples of `size_divisor` (as the `pad` op pads after `normalize`)."""
+  h, w = image.shape[:2]
+  ph, pw = (-(-n // size_divisor) * size_divisor for n in (h, w))
+  padded = np.zeros((1, ph, pw, 3), np.float32)
+  padded[0, :h, :w] = (image.astype(np.float32) - mean) / std
+  return padded
+
+
 class ImageDetector:
   """Detections of single RGB uint8 images of any size, in each image's own frame.
 
@@ -161,9 +161,7 @@ class ImageDetector:
     if min(self._scale) > 0:
       resized = transforms.resize(self._scale)({"image": image}, None)["image"]
     rh, rw = resized.shape[:2]
-    ph, pw = (-(-n // self._divisor) * self._divisor for n in (rh, rw))
-    padded = np.zeros((1, ph, pw, 3), np.float32)
-    padded[0, :rh, :rw] = (resized.astype(np.float32) - self._mean) / self._std
+    padded = padded_input(resized, self._mean, self._std, self._divisor)
     batch = {"image": padded, "resized_size": np.int32([[rh, rw]]),
              "original_size": np.int32([[h, w]])}
     out = jax.device_get(self._detect(self._state, batch, mask_size=(h, w)))

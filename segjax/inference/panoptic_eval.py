@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from segjax.data import pipeline
 from segjax.data.sources import DatasetSpec
+from segjax.inference.instances import padded_input
 from segjax.inference.panoptic import (heuristic_fusion, parameter_free_fusion,
                                        to_coco_panoptic, write_coco_panoptic)
 from segjax.metrics.panoptic import PQAccumulator, rgb_to_id
@@ -79,13 +79,10 @@ def stuff_classes(dataset: DatasetSpec) -> tuple:
   return tuple(c for c in range(dataset.num_classes) if c not in set(dataset.thing_classes))
 
 
-def _gather(tree):
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-
-
 def predicted_segments(segments: np.ndarray, classes: np.ndarray, scores: np.ndarray,
                        model) -> tuple:
-  """(ids [H, W], segments_info) of one fused map in COCO panoptic form."""
+  """(png [H, W, 3], segments_info) of one fused map in COCO panoptic form, with the
+  model's thing and stuff class ids as category ids."""
   png, info = to_coco_panoptic(segments, classes, thing_category_ids=model.thing_classes,
                                stuff_category_ids=model.stuff_classes, scores=scores)
   return png, info
@@ -109,18 +106,14 @@ def evaluate(state, segment_fn, dataset: DatasetSpec, config: ml_collections.Con
   against each image's panoptic annotation at its original size."""
   from segjax.training.trainer import data_ops  # the trainer imports this module
   source = dataset.source(config.data.eval_split)
-  local = pipeline.local_batch_size(config.data.eval_batch_size)
-  count = jax.process_count()
-  sizes = np.asarray([len(pipeline.process_slice(source, p, count)) for p in range(count)])
   accumulator = PQAccumulator(categories(dataset))
   for i, batch in enumerate(pipeline.eval_batches(
       source, data_ops(config, config.data.eval_ops, dataset), config.data.eval_batch_size,
       dataset.ignore_index, keys=EVAL_KEYS, optional_keys=("segment_is_crowd",))):
-    found = _gather(segment_fn(state, pipeline.to_global({"image": batch["image"]},
-                                                         batch_sharding)["image"]))
-    truth = _gather({k: v for k, v in batch.items() if k != "image"})
-    slot = np.tile(np.arange(local), count) + i * local
-    real = slot < sizes[np.repeat(np.arange(count), local)]
+    found = pipeline.to_host(segment_fn(
+        state, pipeline.to_global({"image": batch["image"]}, batch_sharding)["image"]))
+    truth = pipeline.to_host({k: v for k, v in batch.items() if k != "image"})
+    real, index = pipeline.eval_slots(source, config.data.eval_batch_size, i)
     for b in np.flatnonzero(real):
       gt = [{"id": int(s), "category_id": int(c),
              "iscrowd": int(truth["segment_is_crowd"][b][k]) if "segment_is_crowd" in truth
@@ -134,7 +127,7 @@ def evaluate(state, segment_fn, dataset: DatasetSpec, config: ml_collections.Con
         segments = at_original_size(segments, truth["resized_size"][b],
                                     truth["original_size"][b], gt_ids.shape)
       _, info = predicted_segments(segments, found["classes"][b], found["scores"][b], model)
-      accumulator.add(gt_ids, gt, segments, info, image_id=int(slot[b]))
+      accumulator.add(gt_ids, gt, segments, info, image_id=int(index[b]))
   result = accumulator.result()
   metrics = {"pq": result, "categories": categories(dataset)}
   for group, short in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
@@ -154,10 +147,7 @@ def predict_files(config: ml_collections.ConfigDict, dataset: DatasetSpec, model
   for path in files:
     image = read_image(path)
     h, w = image.shape[:2]
-    ph, pw = (-(-n // 32) * 32 for n in (h, w))
-    padded = np.zeros((1, ph, pw, 3), np.float32)
-    padded[0, :h, :w] = (image.astype(np.float32) - mean) / std
-    found = jax.device_get(segment(state, padded))
+    found = jax.device_get(segment(state, padded_input(image, mean, std)))
     stem = os.path.splitext(os.path.basename(path))[0]
     png, info = predicted_segments(np.asarray(found["segments"][0, :h, :w]),
                                    np.asarray(found["classes"][0]),

@@ -15,7 +15,6 @@ from segjax.inference import predict_at_original_size
 from segjax.layers import resize_bilinear
 from segjax.losses import build_loss
 from segjax.metrics import confusion_matrix
-from segjax.ops import paste_masks
 from segjax.training.train_state import TrainState
 
 
@@ -143,14 +142,3 @@ def detection_train_step(state: TrainState, batch: Dict[str, jax.Array], rng: ja
              **{f"loss_{name}": value for name, value in losses.items()}}
   return new_state, metrics
 
-
-def detect(state: TrainState, images: jax.Array, *, model: nn.Module,
-           mask_threshold: Optional[float] = None) -> Dict[str, jax.Array]:
-  """Inference-mode detections of a batch; RoI masks pasted into the image as
-  probabilities [B, D, H, W] (or bool with `mask_threshold`)."""
-  out = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                    train=False)
-  if "masks" in out:
-    paste = lambda m, b: paste_masks(m, b, images.shape[1:3], threshold=mask_threshold)
-    out["masks"] = jax.vmap(paste)(out["masks"], out["boxes"])
-  return out
