@@ -16,7 +16,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.name = "unet"
   config.model.options = ml_collections.ConfigDict()  # constructor arguments of the model
   config.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-  config.model.param_dtype = "float32"
+  config.model.param_dtype = "float32"  # bf16 mixed precision: dtype bfloat16, params float32
+  # BatchNorm training statistics: "sync" over the global batch (all devices and
+  # processes), or "per_device" (each device's shard of the batch on its own).
+  config.model.batch_norm = "sync"
+  # Rematerialize backbone blocks in training with this jax checkpoint policy:
+  # "" (off), nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable.
+  config.model.remat = ""
   # An .npz of encoder weights from `python -m segjax.convert` (e.g. ImageNet ResNet-50).
   config.model.init_from = ""
 
@@ -51,8 +57,16 @@ def get_config() -> ml_collections.ConfigDict:
        "semantic": 0.5})  # semantic: Panoptic FPN's lambda_s
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "sgd"  # sgd | adamw
+  config.optimizer.name = "sgd"  # sgd | adamw | lars | lamb
   config.optimizer.learning_rate = 0.01
+  # Large batches: scale learning_rate (and its warmup) by data.batch_size /
+  # reference_batch_size ("linear", Goyal et al.) or its square root ("sqrt").
+  config.optimizer.lr_scaling = "none"  # none | linear | sqrt
+  config.optimizer.reference_batch_size = 0
+  # Gradient over this many micro-batches of data.batch_size each step (the same
+  # update as the whole batch at once, with one micro-batch's activations in memory).
+  config.optimizer.accumulation_steps = 1
+  config.optimizer.trust_coefficient = 0.001  # lars
   config.optimizer.min_learning_rate = 1e-4
   config.optimizer.schedule = "poly"  # poly | cosine | constant | steps (after warmup)
   config.optimizer.poly_power = 0.9
@@ -72,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 500
   config.checkpoint_every = 250
   config.keep_checkpoints = 2
+  # Write a JAX profiler trace (TensorBoard's profile tab) of this many train steps,
+  # starting after the first two (compilation), to <workdir>/profile; 0 = off.
+  config.profile_steps = 0
 
   # Evaluation (training's and eval.py's) and predict.py. mode "batched": the
   # data.eval_ops pipeline in static batches; "whole" / "slide": one image at a
@@ -94,6 +111,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.axes = (("data", -1),)  # (name, size); -1 = all remaining devices
   config.mesh.batch_axes = ("data",)
-  # (regex over parameter paths, PartitionSpec entries); unmatched = replicated.
+  # data_parallel: parameters and optimizer state replicated on every device;
+  # fsdp: sharded along the "data" axis (segjax/training/sharding.py).
+  config.mesh.strategy = "data_parallel"
+  # (regex over parameter paths, PartitionSpec entries or "fsdp"), before the
+  # strategy's rule; unmatched = replicated.
   config.mesh.param_rules = ()
   return config

@@ -10,6 +10,16 @@ from ml_collections import config_flags
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
                                          lock_config=True)
+# Multi-process runs (segjax/training/distributed.py): every process gets the same
+# command plus its --process_id.
+DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                "Start JAX's multi-process runtime: auto (when a coordinator "
+                                "is given or a SLURM / multi-host TPU cluster is detected), "
+                                "on (always, letting JAX detect the cluster) or off.")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                  "HOST:PORT of process 0 in a multi-process run.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
 
 
 def _flag_error(error: BaseException, argv) -> str:
@@ -50,12 +60,16 @@ def load_config():
 
 
 def run(command: Callable[[], None]) -> None:
-  """Runs `command`; configuration and data problems exit with one sentence."""
+  """Starts the multi-process runtime if asked, then runs `command`; configuration
+  and data problems exit with one sentence."""
   # Imported here so that flag errors are reported before jax starts.
   from segjax.data.sources import DatasetNotFoundError
   from segjax.training.checkpointing import CheckpointMismatchError
+  from segjax.training import distributed
   logging.set_verbosity(logging.WARNING)
   try:
+    distributed.initialize(DISTRIBUTED.value, COORDINATOR.value, NUM_PROCESSES.value,
+                           PROCESS_ID.value)
     command()
   except (DatasetNotFoundError, CheckpointMismatchError, KeyError, ValueError) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

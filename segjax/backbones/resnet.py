@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.layers import batch_norm
+from segjax.layers import batch_norm, remat
 
 # depth -> (bottleneck?, blocks per stage), torchvision's layer counts.
 ARCHS = {18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)),
@@ -142,7 +142,7 @@ class ResNet(nn.Module):
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     bottleneck, blocks_per_stage = ARCHS[self.depth]
-    block_cls = Bottleneck if bottleneck else BasicBlock
+    block_cls = remat.block(Bottleneck if bottleneck else BasicBlock)
     first_dilated = len(STAGE_WIDTHS) - DILATED_STAGES[self.output_stride]
     dilation = 1
     for s, (base, blocks) in enumerate(zip(STAGE_WIDTHS, blocks_per_stage)):

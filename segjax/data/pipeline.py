@@ -1,12 +1,12 @@
 """grain input pipelines that feed globally sharded batches to the train step.
 
-Each process reads only its own slice of the index space (`[i::n]`), applies
-the preprocessing ops (seeded per element, so a run is reproducible and its
-iterator can be checkpointed), batches locally, and the per-process batches
-are assembled into global `jax.Array`s sharded on the batch axis. Decoding and
+Each process reads only its own rows of each global batch, applies the
+preprocessing ops (seeded per example position, so a run is reproducible and
+resumes from its step alone), batches locally, and the per-process batches are
+assembled into global `jax.Array`s sharded on the batch axis. Decoding and
 augmentation run in reader threads, or with `num_workers > 0` in that many
 grain worker processes (the order and the random draws are the same either
-way; a checkpointed position only restores into the same `num_workers`).
+way). Evaluation reads records i, i + n, ... in process i of n.
 """
 import itertools
 from typing import Any, Dict, Iterator, Optional
@@ -67,19 +67,35 @@ def example_shapes(source, ops: str, keys=MODEL_KEYS) -> Dict[str, tuple]:
 
 def train_iterator(source, ops: str, global_batch_size: int, seed: int,
                    num_threads: int = 2, num_workers: int = 0, keys=MODEL_KEYS,
-                   optional_keys=OPTIONAL_TRAIN_KEYS) -> grain.DatasetIterator:
-  """An endless, per-epoch reshuffled iterator of local numpy batches of `keys`
-  (and of those `optional_keys` the ops make).
+                   optional_keys=OPTIONAL_TRAIN_KEYS, start_step: int = 0,
+                   process_index: Optional[int] = None,
+                   process_count: Optional[int] = None) -> Iterator:
+  """An endless iterator of this process's rows of every global batch, as numpy
+  arrays of `keys` (and of those `optional_keys` the ops make), from step `start_step`.
 
-  Its `get_state()`/`set_state()` position is saved with the checkpoints.
+  The global example order (reshuffled each epoch) and every example's random
+  augmentation depend only on `seed` and the example's position, so the global
+  batches are the same for any number of processes and any `num_workers`, and a
+  resumed run continues exactly where it stopped from its step alone. Global batch
+  s is positions [s * B, (s + 1) * B); process p reads only its rows
+  [p * B / n, (p + 1) * B / n) of it, so nothing is decoded twice.
+  `process_index` / `process_count` default to this process and the run's count.
   """
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
   if num_workers < 0 or num_threads < 1:
     raise ValueError(f"data.num_workers must be >= 0 and data.num_threads >= 1, got "
                      f"{num_workers} and {num_threads}.")
   pipeline = transforms.parse_pipeline(ops)
-  ds = process_slice(source).shuffle(seed=seed).repeat()
+  if global_batch_size % count:
+    raise ValueError(f"Batch size {global_batch_size} is not divisible by the number of "
+                     f"processes {count}.")
+  local = global_batch_size // count
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds.random_map(pipeline, seed=seed).map(_select(tuple(keys), tuple(optional_keys)))
-  ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
+  # Chunks of `local` consecutive positions; chunk c belongs to process c % n.
+  ds = ds.batch(local, drop_remainder=True)
+  ds = ds[index::count][start_step:]
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
   ds = ds.to_iter_dataset(read)
   if num_workers:

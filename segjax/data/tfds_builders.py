@@ -12,6 +12,8 @@ import os
 from typing import Callable, Mapping, Tuple
 
 import cv2
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -70,13 +72,25 @@ class PackagedBuilder(tfds.core.GeneratorBasedBuilder):
 
 def prepared_source(builder: tfds.core.GeneratorBasedBuilder, split: str,
                     download_config=None):
-  """Prepares `builder` if its files are missing, then opens one split."""
-  if not builder.is_prepared():
+  """Prepares `builder` if its files are missing, then opens one split.
+
+  With several processes, process 0 prepares while the others wait, so they do
+  not write the same files at once; a process that still finds no dataset
+  afterwards (a disk of its own) prepares its own copy.
+  """
+  def prepare():
     tfds.display_progress_bar(False)
     try:
       builder.download_and_prepare(download_config=download_config)
     finally:
       tfds.display_progress_bar(True)
+
+  if jax.process_count() > 1:
+    if jax.process_index() == 0 and not builder.is_prepared():
+      prepare()
+    multihost_utils.sync_global_devices(f"segjax prepared {builder.name}")
+  if not builder.is_prepared():
+    prepare()
   return tfds.data_source(builder.name, split=split, data_dir=builder.data_dir_root)
 
 

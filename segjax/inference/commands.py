@@ -35,12 +35,13 @@ def restore(config: ml_collections.ConfigDict, checkpoint: str):
   mesh = sharding.create_mesh(config.mesh.axes)
   model = trainer.build(config, dataset)
   tx, _ = optimizers.create_optimizer(config.optimizer, config.total_steps,
-                                      getattr(model, "frozen_params_mask", None))
+                                      getattr(model, "frozen_params_mask", None),
+                                      config.data.batch_size)
   train_ops = trainer.data_ops(config, config.data.train_ops, dataset)
   example = pipeline.example_shapes(dataset.source(config.data.train_split), train_ops,
                                     ("image",))
   abstract, shardings = trainer.abstract_train_state(model, tx, (1,) + example["image"], mesh,
-                                                     config.mesh.param_rules)
+                                                     sharding.param_rules(config.mesh))
   record = checkpointing.model_record(config.model.name, model.num_classes, abstract.params)
   state, step = checkpointing.restore_state(checkpoint, abstract, record)
   return dataset, model, state, step, mesh, shardings

@@ -1,13 +1,14 @@
 """Conv -> BatchNorm -> activation, the unit every encoder and decoder is made of.
 
-BatchNorm statistics are means over the batch axis of the (global) array. Under
-`jax.jit` with the batch sharded over a mesh, XLA computes them across all
-devices, so this is synchronized BatchNorm without an explicit `axis_name`.
+BatchNorm is `segjax.layers.norm.BatchNorm`: synchronized over the global batch
+by default, per device within `norm.batch_statistics(groups=...)`.
 """
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from segjax.layers.norm import BatchNorm
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -22,10 +23,10 @@ def resolve_dtype(dtype: Union[str, Any]) -> Any:
 
 
 def batch_norm(train: bool, dtype: Any, param_dtype: Any, name: Optional[str] = None,
-               momentum: float = 0.9, epsilon: float = 1e-5) -> nn.BatchNorm:
+               momentum: float = 0.9, epsilon: float = 1e-5) -> BatchNorm:
   """BatchNorm with PyTorch-like epsilon, batch statistics while training."""
-  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
-                      dtype=dtype, param_dtype=param_dtype, name=name)
+  return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                   dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class ConvBNAct(nn.Module):

@@ -1,15 +1,19 @@
-"""orbax checkpoints of the train state, the data iterator and a model record.
+"""orbax checkpoints of the train state and a model record.
 
-A checkpoint holds three items: `state` (the sharded TrainState), `data` (the
-grain iterator position, one file per process) and `meta` (model name, number
-of classes and parameter shapes). On restart the latest checkpoint in the
-workdir is restored; one written by a different model is refused with a
-sentence saying so instead of failing deep inside the restore.
+A checkpoint holds two items: `state` (the sharded TrainState) and `meta`
+(model name, number of classes and parameter shapes). Every process takes part
+in saving and restoring (each writes and reads the shards it holds, process 0
+the metadata), so the workdir must be one filesystem all processes see (a
+shared disk or a bucket). A checkpoint restores into any number of processes
+and devices and any sharding strategy: the restore reshards to the shardings
+asked for. The data position needs no item of its own: the input pipeline
+resumes from the restored step. On restart the latest checkpoint in the workdir
+is restored; one written by a different model is refused with a sentence saying
+so instead of failing deep inside the restore.
 """
 import os
 from typing import Any, Dict, Optional, Tuple
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -36,14 +40,13 @@ def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.Check
   return ocp.CheckpointManager(
       directory, options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler(),
                      "meta": ocp.JsonCheckpointHandler()})
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, record) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state, record) -> None:
+  """Saves asynchronously; every process must call it."""
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-      meta=ocp.args.JsonSave(record)), force=True)
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)), force=True)
 
 
 def check_record(found: Dict[str, Any], expected: Dict[str, Any], directory: str) -> None:
@@ -61,17 +64,15 @@ def check_record(found: Dict[str, Any], expected: Dict[str, Any], directory: str
         f"options changed, so use a new --workdir.")
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator,
-                   record) -> Optional[Any]:
-  """Restores the latest checkpoint into the iterator and returns the state, or None."""
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, record) -> Optional[Any]:
+  """The state of the latest checkpoint, in the shardings of `abstract_state`, or None."""
   step = manager.latest_step()
   if step is None:
     return None
   found = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   check_record(found, record, str(manager.directory))
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      state=ocp.args.StandardRestore(abstract_state)))
   return restored["state"]
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from segjax.inference import predict_at_original_size
-from segjax.layers import resize_bilinear
+from segjax.layers import norm, remat, resize_bilinear
 from segjax.losses import build_loss
 from segjax.metrics import confusion_matrix
 from segjax.training.train_state import TrainState
@@ -37,30 +37,97 @@ def align(logits: jax.Array, labels: jax.Array, model: nn.Module,
 DEFAULT_LOSS = ({"name": "cross_entropy", "weight": 1.0},)
 
 
+def micro_batches(batch: Dict[str, jax.Array], count: int) -> Dict[str, jax.Array]:
+  """[B, ...] -> [count, B / count, ...], micro-batch i holding rows i, i + count, ...
+
+  Strided rather than contiguous, so that each micro-batch of a batch sharded
+  over devices in contiguous blocks still has rows on every device (each device's
+  rows stay together, which keeps per-device BatchNorm groups per device).
+  """
+  def split(x):
+    if x.shape[0] % count:
+      raise ValueError(f"A batch of {x.shape[0]} examples cannot be split into "
+                       f"{count} micro-batches (optimizer.accumulation_steps); make the batch "
+                       "size a multiple of it.")
+    return x.reshape((x.shape[0] // count, count) + x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(objective: Callable, params, batch_stats, batch, rng: jax.Array,
+                         count: int, weight_fn: Callable):
+  """Loss, summed extras, BatchNorm statistics and gradients of `objective` over
+  `count` micro-batches of `batch`.
+
+  `objective(params, batch_stats, micro_batch, rng)` returns (loss, (sums,
+  new_batch_stats)), `sums` being a dict of additive quantities. Each micro-batch
+  is weighted by `weight_fn(micro_batch)` (its number of valid label pixels for a
+  per-pixel mean loss), so the result is the gradient of the whole batch's mean
+  loss; BatchNorm statistics are those of each micro-batch in turn, as in
+  PyTorch. Only one micro-batch's activations are alive at a time.
+  """
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  if count == 1:
+    (loss, (sums, batch_stats)), grads = grad_fn(params, batch_stats, batch, rng)
+    return loss, sums, batch_stats, grads
+
+  def body(carry, inputs):
+    index, micro = inputs
+    grads_sum, loss_sum, weight_sum, sums_sum, stats = carry
+    (loss, (sums, stats)), grads = grad_fn(params, stats, micro, jax.random.fold_in(rng, index))
+    weight = weight_fn(micro).astype(jnp.float32)
+    grads_sum = jax.tree.map(lambda a, g: a + weight * g, grads_sum, grads)
+    sums_sum = jax.tree.map(jnp.add, sums_sum, sums)
+    return (grads_sum, loss_sum + weight * loss, weight_sum + weight, sums_sum, stats), None
+
+  micro = micro_batches(batch, count)
+  first = jax.tree.map(lambda x: x[0], micro)
+  sums_shape = jax.eval_shape(objective, params, batch_stats, first, rng)[1][0]
+  zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+  init = (zeros(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+          zeros(sums_shape), batch_stats)
+  (grads_sum, loss_sum, weight_sum, sums, batch_stats), _ = jax.lax.scan(
+      body, init, (jnp.arange(count), micro))
+  total = jnp.maximum(weight_sum, 1e-12)
+  return loss_sum / total, sums, batch_stats, jax.tree.map(lambda g: g / total, grads_sum)
+
+
+def _float32(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else x, tree)
+
+
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                ignore_index: int, loss_fn: Optional[Callable] = None,
                class_weights: Optional[Tuple[float, ...]] = None,
-               aux_weight: float = 0.4) -> Tuple[TrainState, Dict[str, jax.Array]]:
+               aux_weight: float = 0.4, accumulation_steps: int = 1, bn_groups: int = 1,
+               remat_policy: str = "") -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer step on a global batch; returns the new state and scalars.
 
   `loss_fn` is `segjax.losses.build_loss(spec)` (default: cross-entropy). The
   model returns logits, or in training a dict with `logits` and optionally
   `aux_logits`, whose loss (the same terms) is added with weight `aux_weight`.
   A batch may carry `pixel_weights` (e.g. U-Net's weight map) for the terms
-  that take them.
+  that take them. Logits are cast to float32 before the loss (bf16 models).
+
+  `accumulation_steps` > 1 computes the gradient over that many micro-batches
+  (`accumulate_gradients`, weighted by valid pixels: the large-batch update for a
+  per-pixel mean loss such as cross-entropy); `bn_groups` > 1 gives BatchNorm
+  per-device statistics (`segjax.layers.norm`); `remat_policy` rematerializes
+  the backbone blocks (`segjax.layers.remat`).
   """
   loss_fn = loss_fn or build_loss(DEFAULT_LOSS)
-  labels = batch["label"].astype(jnp.int32)
-  pixel_weights = batch.get("pixel_weights")
-  dropout_rng = jax.random.fold_in(rng, state.step)
 
-  def objective(params):
-    outputs, updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-        mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+  def objective(params, batch_stats, micro, rng):
+    labels = micro["label"].astype(jnp.int32)
+    pixel_weights = micro.get("pixel_weights")
+    with norm.batch_statistics(bn_groups), remat.rematerialization(remat_policy):
+      outputs, updates = model.apply(
+          {"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
+          mutable=["batch_stats"], rngs={"dropout": rng})
     if not isinstance(outputs, dict):
       outputs = {"logits": outputs}
+    outputs = _float32(outputs)
     logits, targets, weights = align(outputs["logits"], labels, model, pixel_weights)
     loss, terms = loss_fn(logits, targets, ignore_index, class_weights, weights)
     if "aux_logits" in outputs:  # auxiliary head (PSPNet, DeepLabV3): weighted extra loss
@@ -68,21 +135,25 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
                                                    pixel_weights)
       aux_loss, _ = loss_fn(aux_logits, aux_targets, ignore_index, class_weights, aux_weights)
       loss += aux_weight * aux_loss
-    return loss, (logits, targets, terms, updates)
+    valid = targets != ignore_index
+    sums = {"correct": ((jnp.argmax(logits, -1) == targets) & valid).sum(),
+            "valid": valid.sum(), **{f"loss_{name}": v for name, v in terms.items()}}
+    return loss, (sums, updates["batch_stats"])
 
-  (loss, (logits, labels, terms, updates)), grads = jax.value_and_grad(
-      objective, has_aux=True)(state.params)
+  valid_pixels = lambda micro: (micro["label"] != ignore_index).sum()
+  loss, sums, batch_stats, grads = accumulate_gradients(
+      objective, state.params, state.batch_stats, batch, jax.random.fold_in(rng, state.step),
+      accumulation_steps, valid_pixels)
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1,
                             params=optax.apply_updates(state.params, param_updates),
-                            batch_stats=updates["batch_stats"], opt_state=opt_state)
-  valid = labels != ignore_index
-  correct = (jnp.argmax(logits, -1) == labels) & valid
+                            batch_stats=batch_stats, opt_state=opt_state)
   metrics = {"loss": loss, "learning_rate": schedule(state.step),
-             "pixel_accuracy": correct.sum() / jnp.maximum(valid.sum(), 1),
+             "pixel_accuracy": sums["correct"] / jnp.maximum(sums["valid"], 1),
              "grad_norm": optax.global_norm(grads)}
+  terms = {k: v / accumulation_steps for k, v in sums.items() if k.startswith("loss_")}
   if len(terms) > 1:
-    metrics.update({f"loss_{name}": value for name, value in terms.items()})
+    metrics.update(terms)
   return new_state, metrics
 
 
@@ -113,32 +184,37 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], confusion: jax.Arr
 def detection_train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                          model: nn.Module, tx: optax.GradientTransformation,
                          schedule: optax.Schedule,
-                         loss_weights: Optional[Dict[str, float]] = None
-                         ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+                         loss_weights: Optional[Dict[str, float]] = None,
+                         accumulation_steps: int = 1, bn_groups: int = 1,
+                         remat_policy: str = "") -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer step of a two-stage detector (`MaskRCNN`) on a global batch.
 
   The batch carries `image` and the padded instance rows (`boxes`, `classes`,
   `instance_valid`, optional `is_crowd`, and `masks` or `box_masks`); the loss is
   the weighted sum of the model's losses (weight 1 where `loss_weights` has none).
+  With `accumulation_steps` > 1 the micro-batches' losses are averaged with equal
+  weights; `bn_groups` and `remat_policy` as in `train_step`.
   """
   loss_weights = dict(loss_weights or {})
-  targets = {k: v for k, v in batch.items() if k != "image"}
-  sample_rng = jax.random.fold_in(rng, state.step)
 
-  def objective(params):
-    losses, updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], targets,
-        sample_rng, train=True, mutable=["batch_stats"], method="losses")
+  def objective(params, batch_stats, micro, rng):
+    targets = {k: v for k, v in micro.items() if k != "image"}
+    with norm.batch_statistics(bn_groups), remat.rematerialization(remat_policy):
+      losses, updates = model.apply(
+          {"params": params, "batch_stats": batch_stats}, micro["image"], targets,
+          rng, train=True, mutable=["batch_stats"], method="losses")
+    losses = _float32(losses)
     total = sum(loss_weights.get(name, 1.0) * value for name, value in losses.items())
-    return total, (losses, updates)
+    return total, (losses, updates["batch_stats"])
 
-  (loss, (losses, updates)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  loss, losses, batch_stats, grads = accumulate_gradients(
+      objective, state.params, state.batch_stats, batch, jax.random.fold_in(rng, state.step),
+      accumulation_steps, lambda micro: jnp.ones(()))
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1,
                             params=optax.apply_updates(state.params, param_updates),
-                            batch_stats=updates["batch_stats"], opt_state=opt_state)
+                            batch_stats=batch_stats, opt_state=opt_state)
   metrics = {"loss": loss, "learning_rate": schedule(state.step),
              "grad_norm": optax.global_norm(grads),
-             **{f"loss_{name}": value for name, value in losses.items()}}
+             **{f"loss_{name}": value / accumulation_steps for name, value in losses.items()}}
   return new_state, metrics
-

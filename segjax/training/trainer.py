@@ -2,9 +2,11 @@
 
 `train_and_evaluate(config, workdir)` builds the mesh, data, model and
 optimizer from the config, restores the latest checkpoint in `workdir` if one
-exists (train state and data position), runs the jitted, sharded, donated
-`train_step`, evaluates every `eval_every` steps and at the end, and writes
-checkpoints, TensorBoard scalars, `metrics.jsonl` and prediction panels.
+exists (the data position follows from its step), runs the jitted, sharded,
+donated `train_step`, evaluates every `eval_every` steps and at the end, and
+writes checkpoints, TensorBoard scalars, `metrics.jsonl` and prediction panels.
+With several processes (segjax/training/distributed.py) every process runs
+this same function on its share of the data; process 0 alone writes logs.
 """
 import functools
 import os
@@ -24,6 +26,7 @@ from segjax import visualization
 from segjax.data import pipeline
 from segjax.data.sources import DatasetSpec, get_dataset
 from segjax.inference import instances, panoptic_eval, per_image
+from segjax.layers import remat
 from segjax.losses import build_loss
 from segjax.metrics import format_iou_table, segmentation_metrics
 from segjax.metrics.coco import format_coco_table
@@ -200,17 +203,56 @@ def evaluate(state, eval_fn, dataset: DatasetSpec, config, batch_sharding, repli
   return metrics
 
 
+def step_options(config: ml_collections.ConfigDict, mesh) -> Dict[str, Any]:
+  """The train step's keyword arguments for accumulation, BatchNorm and remat."""
+  if config.model.batch_norm not in ("sync", "per_device"):
+    raise ValueError(f"Unknown model.batch_norm {config.model.batch_norm!r}; use sync or "
+                     "per_device.")
+  remat.check_policy(config.model.remat)
+  steps_ = config.optimizer.accumulation_steps
+  devices = int(np.prod([mesh.shape[a] for a in config.mesh.batch_axes]))
+  if steps_ < 1 or config.data.batch_size % (steps_ * devices):
+    raise ValueError(f"data.batch_size {config.data.batch_size} must be a multiple of "
+                     f"optimizer.accumulation_steps ({steps_}) x the {devices} devices of the "
+                     "batch axes, so every micro-batch spreads evenly over the devices.")
+  return {"accumulation_steps": steps_, "remat_policy": config.model.remat,
+          "bn_groups": devices if config.model.batch_norm == "per_device" else 1}
+
+
+class Profiler:
+  """Traces train steps [first, first + count) to <workdir>/profile (process 0)."""
+
+  def __init__(self, workdir: str, first: int, count: int):
+    self.directory = os.path.join(workdir, "profile")
+    self.first, self.last = first, first + count - 1
+    self.active = count > 0 and jax.process_index() == 0
+
+  def before(self, step: int) -> None:
+    if self.active and step == self.first:
+      jax.profiler.start_trace(self.directory)
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      tqdm.write(f"Profiler trace of steps {self.first}-{self.last} written to "
+                 f"{self.directory}.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns eval metrics."""
   dataset = get_dataset(config.data.name, config.data.data_dir, config.data.manual_dir)
   mesh = sharding.create_mesh(config.mesh.axes)
+  options = step_options(config, mesh)
+  param_rules = sharding.param_rules(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
   replicated = NamedSharding(mesh, P())
   model = build(config, dataset)
   task = model_task(config)
   instance = task in ("instance", "panoptic")
   tx, schedule = optimizers.create_optimizer(config.optimizer, config.total_steps,
-                                             getattr(model, "frozen_params_mask", None))
+                                             getattr(model, "frozen_params_mask", None),
+                                             config.data.batch_size)
   class_weights = tuple(config.loss.class_weights) or None
   loss_fn = build_loss(config.loss.terms)
   if class_weights and len(class_weights) != dataset.num_classes:
@@ -226,38 +268,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   example = pipeline.example_shapes(train_source, train_ops, keys)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state, state_shardings = create_train_state(
-      model, tx, init_rng, (1,) + example["image"], mesh, config.mesh.param_rules,
-      config.model.init_from)
-  train_iter = pipeline.train_iterator(train_source, train_ops, config.data.batch_size,
-                                       config.seed, config.data.num_threads,
-                                       config.data.num_workers, keys, optional_keys)
+      model, tx, init_rng, (1,) + example["image"], mesh, param_rules, config.model.init_from)
 
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   record = checkpointing.model_record(config.model.name, model.num_classes, state.params)
-  restored = checkpointing.restore_latest(manager, state, train_iter, record)
+  restored = checkpointing.restore_latest(manager, state, record)
   if restored is not None:
     state = restored
     if jax.process_index() == 0:
       tqdm.write(f"Resuming from the checkpoint of step {int(state.step)} in {manager.directory}.")
+  start_step = int(state.step)
+  train_iter = pipeline.train_iterator(train_source, train_ops, config.data.batch_size,
+                                       config.seed, config.data.num_threads,
+                                       config.data.num_workers, keys, optional_keys,
+                                       start_step=start_step)
 
   if instance:
     step_fn = functools.partial(steps.detection_train_step, model=model, tx=tx,
-                                schedule=schedule, loss_weights=dict(config.loss.detection))
+                                schedule=schedule, loss_weights=dict(config.loss.detection),
+                                **options)
     eval_fn = (instances.make_detect_fn(model, state_shardings, batch_sharding)
                if task == "instance" else
                panoptic_eval.make_segment_fn(model, config, state_shardings, batch_sharding))
   else:
     step_fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
                                 ignore_index=dataset.ignore_index, loss_fn=loss_fn,
-                                class_weights=class_weights, aux_weight=config.loss.aux_weight)
+                                class_weights=class_weights, aux_weight=config.loss.aux_weight,
+                                **options)
     eval_fn = make_eval_fn(model, dataset, state_shardings, batch_sharding, replicated)
   train_fn = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
   writer = MetricWriter(workdir)
-  start_step = int(state.step)
+  profiler = Profiler(workdir, start_step + 3, config.profile_steps)
   progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0, desc=config.model.name)
+  def report(text: str) -> None:  # process 0 speaks for the run
+    if jax.process_index() == 0:
+      progress.write(text)
+
   def run_eval(step: int) -> Dict[str, Any]:
     if task == "panoptic":
       metrics = panoptic_eval.evaluate(state, eval_fn, dataset, config, model, batch_sharding)
@@ -265,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                             if isinstance(v, float) and np.isfinite(v)})
       table = format_pq_table(metrics["pq"], metrics["categories"])
       writer.text(step, "eval/pq", table)
-      progress.write(f"step {step} eval on {config.data.eval_split}:\n{table}")
+      report(f"step {step} eval on {config.data.eval_split}:\n{table}")
       return metrics
     if instance:
       metrics = instances.evaluate(state, eval_fn, dataset, config, batch_sharding, workdir,
@@ -274,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                             if not isinstance(v, dict) and np.isfinite(v)})
       table = format_coco_table({k: v for k, v in metrics.items() if isinstance(v, dict)})
       writer.text(step, "eval/coco", table)
-      progress.write(f"step {step} eval on {config.data.eval_split}:\n{table}")
+      report(f"step {step} eval on {config.data.eval_split}:\n{table}")
       return metrics
     if config.inference.mode == "batched":
       metrics = evaluate(state, eval_fn, dataset, config, batch_sharding, replicated, workdir,
@@ -284,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     writer.scalars(step, {f"eval/{k}": metrics[k] for k in ("mIoU", "aAcc", "mAcc")})
     table = format_iou_table(metrics, dataset.class_names)
     writer.text(step, "eval/per_class", table)
-    progress.write(f"step {step} eval on {config.data.eval_split}:\n{table}")
+    report(f"step {step} eval on {config.data.eval_split}:\n{table}")
     return metrics
 
   eval_metrics: Dict[str, Any] = {}
@@ -295,7 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start_step + 1, config.total_steps + 1):
       batch = pipeline.to_global(next(train_iter), batch_sharding)
+      profiler.before(step)
       state, metrics = train_fn(state, batch, dropout_rng)
+      profiler.after(step, state)
       window_steps += 1
       progress.update(1)
       if step % config.log_every == 0 or step == config.total_steps:
@@ -311,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         eval_metrics = run_eval(step)
         window_start = time.perf_counter()
       if step % config.checkpoint_every == 0 or step == config.total_steps:
-        checkpointing.save(manager, step, state, train_iter, record)
+        checkpointing.save(manager, step, state, record)
   finally:
     # Saves are asynchronous: a crash must not lose a checkpoint being written.
     progress.close()
