@@ -54,15 +54,15 @@ def micro_batches(batch: Dict[str, jax.Array], count: int) -> Dict[str, jax.Arra
 
 
 def accumulate_gradients(objective: Callable, params, batch_stats, batch, rng: jax.Array,
-                         count: int, weight_fn: Callable):
+                         count: int, weight_key: Optional[str] = None):
   """Loss, summed extras, BatchNorm statistics and gradients of `objective` over
   `count` micro-batches of `batch`.
 
   `objective(params, batch_stats, micro_batch, rng)` returns (loss, (sums,
   new_batch_stats)), `sums` being a dict of additive quantities. Each micro-batch
-  is weighted by `weight_fn(micro_batch)` (its number of valid label pixels for a
-  per-pixel mean loss), so the result is the gradient of the whole batch's mean
-  loss; BatchNorm statistics are those of each micro-batch in turn, as in
+  is weighted by `sums[weight_key]` (its number of valid label pixels, for a
+  per-pixel mean loss; equal weights without a key), so the result is the
+  gradient of the whole batch's mean loss; BatchNorm statistics are those of each micro-batch in turn, as in
   PyTorch. Only one micro-batch's activations are alive at a time.
   """
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -74,7 +74,7 @@ def accumulate_gradients(objective: Callable, params, batch_stats, batch, rng: j
     index, micro = inputs
     grads_sum, loss_sum, weight_sum, sums_sum, stats = carry
     (loss, (sums, stats)), grads = grad_fn(params, stats, micro, jax.random.fold_in(rng, index))
-    weight = weight_fn(micro).astype(jnp.float32)
+    weight = (sums[weight_key] if weight_key else jnp.ones(())).astype(jnp.float32)
     grads_sum = jax.tree.map(lambda a, g: a + weight * g, grads_sum, grads)
     sums_sum = jax.tree.map(jnp.add, sums_sum, sums)
     return (grads_sum, loss_sum + weight * loss, weight_sum + weight, sums_sum, stats), None
@@ -140,10 +140,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
             "valid": valid.sum(), **{f"loss_{name}": v for name, v in terms.items()}}
     return loss, (sums, updates["batch_stats"])
 
-  valid_pixels = lambda micro: (micro["label"] != ignore_index).sum()
   loss, sums, batch_stats, grads = accumulate_gradients(
       objective, state.params, state.batch_stats, batch, jax.random.fold_in(rng, state.step),
-      accumulation_steps, valid_pixels)
+      accumulation_steps, weight_key="valid")
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1,
                             params=optax.apply_updates(state.params, param_updates),
@@ -209,7 +208,7 @@ def detection_train_step(state: TrainState, batch: Dict[str, jax.Array], rng: ja
 
   loss, losses, batch_stats, grads = accumulate_gradients(
       objective, state.params, state.batch_stats, batch, jax.random.fold_in(rng, state.step),
-      accumulation_steps, lambda micro: jnp.ones(()))
+      accumulation_steps)
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1,
                             params=optax.apply_updates(state.params, param_updates),
