@@ -20,6 +20,8 @@ from segjax import cli
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Training workdir (its latest checkpoint), or one step's folder.")
 _OUTPUT = flags.DEFINE_string("output", "", "Metrics JSON path.")
+_CRF = flags.DEFINE_bool("crf", False, "Refine predictions with the dense CRF "
+                         "(config.inference.crf; whole or slide mode).")
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
@@ -27,6 +29,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = cli.load_config()
+  if _CRF.value:
+    config.inference.crf.enabled = True
 
   def evaluate():
     from segjax.data.sources import get_dataset

@@ -4,6 +4,8 @@
       --input photo.jpg --output out/
   python predict.py --config configs/pspnet_ade20k.py --checkpoint runs/psp \
       --input images/ --output out/ --config.inference.mode=slide
+  python predict.py --config configs/unet_shapes.py --checkpoint runs/unet_shapes \
+      --input photo.jpg --output out/ --crf   # dense CRF refinement
 
 For each image writes <name>.png (a palette PNG whose pixel values are class
 ids) and <name>_overlay.jpg (the image blended with the class colours), at the
@@ -21,6 +23,8 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Training workdir (its latest checkpoint), or one step's folder.")
 _INPUT = flags.DEFINE_string("input", None, "An image, or a folder of images.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder for the label PNGs and overlays.")
+_CRF = flags.DEFINE_bool("crf", False, "Refine predictions with the dense CRF "
+                         "(config.inference.crf; whole or slide mode).")
 flags.mark_flags_as_required(["config", "checkpoint", "input", "output"])
 
 
@@ -28,6 +32,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = cli.load_config()
+  if _CRF.value:
+    config.inference.crf.enabled = True
 
   def predict():
     from segjax.inference.commands import predict_files

@@ -103,6 +103,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.inference.scales = (1.0,)  # test-time augmentation: ratios of `scale`
   config.inference.flip = False  # test-time augmentation: add horizontal flips
   config.inference.label_ops = ""  # whole/slide: ops on the label only, e.g. reduce_zero_label
+  # Dense CRF refinement of whole/slide predictions (segjax/classical/crf.py; DeepLab's
+  # post-processing), also `--crf` of eval.py and predict.py. window > 0: the local
+  # approximation with that radius over stride x stride cells; 0: exact (small images).
+  config.inference.crf = ml_collections.ConfigDict(
+      {"enabled": False, "num_iterations": 5, "gaussian_sxy": 3.0, "gaussian_weight": 3.0,
+       "bilateral_sxy": 80.0, "bilateral_srgb": 13.0, "bilateral_weight": 10.0,
+       "window": 10, "stride": 8})
   # Panoptic FPN fusion (detectron2's defaults; model.options.fusion picks the method).
   config.inference.panoptic = ml_collections.ConfigDict(
       {"overlap_threshold": 0.5, "stuff_area_threshold": 4096, "instance_score_threshold": 0.5,

@@ -62,6 +62,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
     metrics = instances.evaluate(state, detect_fn, dataset, config, batch_sharding, panel_dir,
                                  step)
   elif config.inference.mode == "batched":
+    if per_image.crf_options(config) is not None:
+      raise ValueError("The dense CRF (--crf, inference.crf) refines one image at a time; "
+                       "add --config.inference.mode=whole (or slide).")
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
     replicated = NamedSharding(mesh, P())
     eval_fn = trainer.make_eval_fn(model, dataset, shardings, batch_sharding, replicated)

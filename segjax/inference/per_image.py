@@ -27,7 +27,17 @@ def make_predictor(config: ml_collections.ConfigDict, model, state,
       model, variables, num_classes, mean=tuple(config.data.mean), std=tuple(config.data.std),
       mode=inference.mode, scale=scale, window=tuple(inference.window),
       stride=tuple(inference.stride), window_batch=inference.window_batch,
-      scales=tuple(inference.scales), flip=inference.flip)
+      scales=tuple(inference.scales), flip=inference.flip, crf=crf_options(config))
+
+
+def crf_options(config: ml_collections.ConfigDict):
+  """`dense_crf` keyword arguments of `inference.crf`, or None when it is off."""
+  crf = config.inference.get("crf")
+  if crf is None or not crf.enabled:
+    return None
+  options = {k: v for k, v in crf.items() if k != "enabled"}
+  options["window"] = options["window"] or None
+  return options
 
 
 def confusion(config: ml_collections.ConfigDict, dataset: DatasetSpec,

@@ -36,7 +36,7 @@ the `mirror_pad` op) by the border the model loses, so every pixel, border
 pixels included, is predicted from mirrored context instead of padding.
 """
 import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import flax.linen as nn
@@ -165,13 +165,17 @@ class SemanticPredictor:
     size_multiple: whole mode pads the (resized) image bottom/right to a
       multiple of this, and the canvases are padded alike, to bound the
       number of compiled shapes.
+    crf: keyword arguments of `segjax.classical.crf.dense_crf` to refine the
+      averaged probabilities with a dense CRF on the image (DeepLab's
+      post-processing: the unary is -log p), or None for none.
   """
 
   def __init__(self, model: nn.Module, variables: Any, num_classes: int, *,
                mean: Sequence[float], std: Sequence[float], mode: str = "whole",
                scale: Optional[Sequence[int]] = None, window: Sequence[int] = (512, 512),
                stride: Sequence[int] = (341, 341), window_batch: int = 4,
-               scales: Sequence[float] = (1.0,), flip: bool = False, size_multiple: int = 32):
+               scales: Sequence[float] = (1.0,), flip: bool = False, size_multiple: int = 32,
+               crf: Optional[Mapping[str, Any]] = None):
     if mode not in MODES:
       raise ValueError(f"SemanticPredictor: `mode` must be one of {MODES}, got {mode!r}.")
     if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
@@ -205,6 +209,7 @@ class SemanticPredictor:
     self._std = np.asarray(std, np.float32)
     self._variables = jax.device_put(variables)
     self._cache = {}
+    self.crf = dict(crf) if crf is not None else None
     self._center_crop = bool(getattr(model, "output_is_center_crop", False))
     if self._center_crop and mode == "whole":
       raise ValueError(
@@ -230,17 +235,27 @@ class SemanticPredictor:
 
   def probabilities(self, image: np.ndarray) -> np.ndarray:
     """(H, W, C) float32 class probabilities of an (H, W, 3) uint8 RGB image,
-    averaged over the test-time passes."""
+    averaged over the test-time passes (and refined by the CRF, if any)."""
     total, passes = self._total(image)
     height, width = image.shape[:2]
-    return np.asarray(total)[:height, :width] / np.float32(passes)
+    probabilities = total[:height, :width] / np.float32(passes)
+    if self.crf is not None:
+      probabilities = self._refine(probabilities, image)
+    return np.asarray(probabilities)
 
   def predict(self, image: np.ndarray) -> np.ndarray:
     """(H, W) int32 labels of an (H, W, 3) uint8 RGB image."""
+    if self.crf is not None:
+      return np.argmax(self.probabilities(image), axis=-1).astype(np.int32)
     total, _ = self._total(image)
     labels = self._run(("argmax",) + total.shape[:2], _argmax, (total,))
     height, width = image.shape[:2]
     return np.ascontiguousarray(np.asarray(labels)[:height, :width])
+
+  def _refine(self, probabilities, image: np.ndarray):
+    from segjax.classical.crf import dense_crf
+    unary = jnp.log(jnp.maximum(probabilities, 1e-8))[None]
+    return dense_crf(unary, image[None], **self.crf)[0]
 
   def _run(self, key: tuple, fn, args: tuple, donate: Tuple[int, ...] = ()):
     """fn(*args), jit-compiled once per `key` (which must determine the shapes)."""
