@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   # BatchNorm training statistics: "sync" over the global batch (all devices and
   # processes), or "per_device" (each device's shard of the batch on its own).
   config.model.batch_norm = "sync"
-  # Rematerialize backbone blocks in training with this jax checkpoint policy:
+  # Rematerialize ResNet backbone blocks in training with this jax checkpoint policy:
   # "" (off), nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable.
   config.model.remat = ""
   # An .npz of encoder weights from `python -m segjax.convert` (e.g. ImageNet ResNet-50).
