@@ -18,7 +18,7 @@ import pytest
 from configs import unet_shapes
 from segjax.data import pipeline
 from segjax.data.sources import get_dataset
-from segjax.training import checkpointing, optimizers, sharding, trainer
+from segjax.training import checkpointing, distributed, optimizers, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Short runs: checkpoints at steps 2 and 4, one small evaluation at the end. SGD:
@@ -131,6 +131,33 @@ def test_readme_command_is_two_loopback_processes_of_four_devices():
   joined = " ".join(args)
   assert "--coordinator_address=127.0.0.1:" in joined and "--num_processes=2" in joined
   assert "--process_id=$i" in joined
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(coordinator_address="127.0.0.1:1234"), "needs --num_processes and --process_id"),
+    (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2),
+     r"--process_id=2 must be in \[0, 2\)"),
+    (dict(num_processes=2, process_id=1), "need --coordinator_address"),
+])
+def test_distributed_settings_are_checked_before_connecting(kwargs, message, monkeypatch):
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
+               "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(ValueError, match=message):
+    distributed.initialize("auto", **kwargs)
+  assert not distributed.initialize("off", **kwargs)
+  assert not distributed.initialize("auto")  # nothing asked, no cluster: one process
+
+
+def test_cli_reports_a_missing_coordinator_in_one_sentence(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "train.py"), "--config",
+       "configs/unet_shapes.py:smoke", "--workdir", str(tmp_path), "--num_processes=2",
+       "--process_id=1"], cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith("error: --num_processes/--process_id")
 
 
 def test_two_processes_equal_one_process_and_checkpoints_cross_over(data_dir, tmp_path):

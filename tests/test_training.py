@@ -63,8 +63,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(data_dir, tmp_path, mon
 
 
 def test_checkpoint_without_data_position_would_differ(data_dir, tmp_path):
-  """Control for the test above: a run that starts over on fresh data after
-  step 4 (what forgetting the iterator state does) ends elsewhere."""
+  """Control for the test above: a run on other data (another seed, what
+  resuming at the wrong data position amounts to) ends elsewhere."""
   a = trainer.train_and_evaluate(_config(data_dir), str(tmp_path / "a"))
   b = trainer.train_and_evaluate(_config(data_dir, seed=1), str(tmp_path / "b"))
   diffs = [np.max(np.abs(x - y)) for x, y in zip(jax.tree.leaves(jax.device_get(a["state"].params)),

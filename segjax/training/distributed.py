@@ -18,6 +18,7 @@ Where the processes learn about each other, first match wins:
 import os
 from typing import Optional
 
+
 def _env_int(name: str) -> Optional[int]:
   value = os.environ.get(name)
   if value is None or value == "":
