@@ -43,11 +43,13 @@ def process_slice(source, process_index: Optional[int] = None,
   return grain.MapDataset.source(source)[index::count]
 
 
-def local_batch_size(global_batch_size: int) -> int:
-  if global_batch_size % jax.process_count():
+def local_batch_size(global_batch_size: int, process_count: Optional[int] = None) -> int:
+  """Each process's share of the global batch (default: of this run's processes)."""
+  count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % count:
     raise ValueError(f"Batch size {global_batch_size} is not divisible by the number of "
-                     f"processes {jax.process_count()}.")
-  return global_batch_size // jax.process_count()
+                     f"processes {count}.")
+  return global_batch_size // count
 
 
 def _select(keys, optional=()):
@@ -87,10 +89,7 @@ def train_iterator(source, ops: str, global_batch_size: int, seed: int,
     raise ValueError(f"data.num_workers must be >= 0 and data.num_threads >= 1, got "
                      f"{num_workers} and {num_threads}.")
   pipeline = transforms.parse_pipeline(ops)
-  if global_batch_size % count:
-    raise ValueError(f"Batch size {global_batch_size} is not divisible by the number of "
-                     f"processes {count}.")
-  local = global_batch_size // count
+  local = local_batch_size(global_batch_size, count)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds.random_map(pipeline, seed=seed).map(_select(tuple(keys), tuple(optional_keys)))
   # Chunks of `local` consecutive positions; chunk c belongs to process c % n.

@@ -209,13 +209,13 @@ def step_options(config: ml_collections.ConfigDict, mesh) -> Dict[str, Any]:
     raise ValueError(f"Unknown model.batch_norm {config.model.batch_norm!r}; use sync or "
                      "per_device.")
   remat.check_policy(config.model.remat)
-  steps_ = config.optimizer.accumulation_steps
+  micro = config.optimizer.accumulation_steps
   devices = int(np.prod([mesh.shape[a] for a in config.mesh.batch_axes]))
-  if steps_ < 1 or config.data.batch_size % (steps_ * devices):
+  if micro < 1 or config.data.batch_size % (micro * devices):
     raise ValueError(f"data.batch_size {config.data.batch_size} must be a multiple of "
-                     f"optimizer.accumulation_steps ({steps_}) x the {devices} devices of the "
+                     f"optimizer.accumulation_steps ({micro}) x the {devices} devices of the "
                      "batch axes, so every micro-batch spreads evenly over the devices.")
-  return {"accumulation_steps": steps_, "remat_policy": config.model.remat,
+  return {"accumulation_steps": micro, "remat_policy": config.model.remat,
           "bn_groups": devices if config.model.batch_norm == "per_device" else 1}
 
 
