@@ -8,8 +8,8 @@ optimizer state and the BatchNorm statistics are placed by
 `config.mesh.param_rules`: a list of (regex over the '/'-joined path in the
 train state, spec) pairs, first match wins, no match = replicated. A spec is
 PartitionSpec entries, e.g. ("conv.*/kernel", (None, None, None, "data")), or
-"fsdp": the leaf's largest dimension divisible by the batch axes' size is
-sharded over them (leaves under `fsdp_min_size` elements stay replicated).
+"fsdp": the leaf's largest dimension divisible by the size of the "data" axis
+is sharded over it (leaves under `fsdp_min_size` elements stay replicated).
 `config.mesh.strategy = "fsdp"` appends the rule (".*", "fsdp"): parameters and
 optimizer state sharded along the data axis (ZeRO-3 / FSDP), gathered by XLA
 where a layer needs them; "data_parallel" (the default) replicates them.

@@ -62,8 +62,9 @@ def accumulate_gradients(objective: Callable, params, batch_stats, batch, rng: j
   new_batch_stats)), `sums` being a dict of additive quantities. Each micro-batch
   is weighted by `sums[weight_key]` (its number of valid label pixels, for a
   per-pixel mean loss; equal weights without a key), so the result is the
-  gradient of the whole batch's mean loss; BatchNorm statistics are those of each micro-batch in turn, as in
-  PyTorch. Only one micro-batch's activations are alive at a time.
+  gradient of the whole batch's mean loss; BatchNorm statistics are those of
+  each micro-batch in turn, as in PyTorch. Only one micro-batch's activations are
+  alive at a time.
   """
   grad_fn = jax.value_and_grad(objective, has_aux=True)
   if count == 1:
