@@ -146,9 +146,10 @@ def _split_merge(image, args):
 
 def _normalized_cut(image, args):
   small = _downscale(image, args.max_size)
-  labels = normalized_cut_segment(_unit_rgb(small), args.segments, sigma_position=args.sigma_position,
-                          sigma_feature=args.sigma_feature, radius=args.radius,
-                          features=args.features, max_ncut=args.max_ncut)
+  labels = normalized_cut_segment(_unit_rgb(small), args.segments,
+                                  sigma_position=args.sigma_position,
+                                  sigma_feature=args.sigma_feature, radius=args.radius,
+                                  features=args.features, max_ncut=args.max_ncut)
   return _upsample_nearest(np.asarray(labels), image.shape[:2])
 
 

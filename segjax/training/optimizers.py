@@ -85,7 +85,8 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int, frozen
                      weight_decay=config.weight_decay, mask=decay_mask)
   elif config.name == "lars":
     tx = optax.lars(schedule, weight_decay=config.weight_decay, weight_decay_mask=decay_mask,
-                    trust_coefficient=config.get("trust_coefficient", 0.001), trust_ratio_mask=decay_mask,
+                    trust_coefficient=config.get("trust_coefficient", 0.001),
+                    trust_ratio_mask=decay_mask,
                     momentum=config.momentum, nesterov=config.nesterov)
   elif config.name == "lamb":
     tx = optax.lamb(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
