@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.backbones import BACKBONES
-from segjax.layers import ConvBNAct, resize_bilinear
+from segjax.layers import ConvBNAct, Deconv2x2, resize_bilinear
 from segjax.models.registry import MODELS, check_images
 
 
@@ -52,7 +52,7 @@ class UNet(nn.Module):
     x = DoubleConv(self.width * 2 ** self.depth, name="bottleneck", **kw)(x, train)
     for level in reversed(range(self.depth)):
       features = self.width * 2 ** level
-      x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), name=f"upsample{level}", **kw)(x)
+      x = Deconv2x2(features, name=f"upsample{level}", **kw)(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = DoubleConv(features, name=f"up{level}", **kw)(x, train)
     logits = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
@@ -137,7 +137,7 @@ class UNetValid(nn.Module):
     x = dropout(ValidDoubleConv(self.width * 2 ** self.depth, name="bottleneck", **kw)(x))
     for level in reversed(range(self.depth)):
       features = self.width * 2 ** level
-      x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), name=f"upsample{level}", **kw)(x)
+      x = Deconv2x2(features, name=f"upsample{level}", **kw)(x)
       x = jnp.concatenate([center_crop(skips[level], x.shape[1:3]), x], axis=-1)
       x = ValidDoubleConv(features, name=f"up{level}", **kw)(x)
     logits = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
@@ -178,7 +178,7 @@ class UNetResNet(nn.Module):
     x = features["stage4"]
     for level, skip in enumerate(RESNET_SKIPS):
       channels = self.decoder_width // 2 ** level
-      x = nn.ConvTranspose(channels, (2, 2), strides=(2, 2), name=f"upsample_{skip}", **kw)(x)
+      x = Deconv2x2(channels, name=f"upsample_{skip}", **kw)(x)
       x = jnp.concatenate([features[skip], x], axis=-1)
       x = DoubleConv(channels, name=f"up_{skip}", **kw)(x, train)
     logits = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
