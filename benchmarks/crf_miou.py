@@ -4,7 +4,7 @@
 
 The CRF's weights are chosen on a held-out slice of the training split (--tune-split;
 a small grid around pydensecrf's defaults, as DeepLab tuned its CRF on held-out
-images), then the model is scored on --eval-split without the CRF, with the default
+images), then the model is scored on --eval-split without the CRF, with the config's
 setting (config.inference.crf) and with the chosen one. Predictions are whole-image,
 at the original size. Prints mIoU, aAcc, the changes and the CRF's time per image;
 the reference is the same model's plain argmax in the same run.
@@ -21,9 +21,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from segjax.classical.crf import dense_crf  # noqa: E402
-from segjax.data import transforms  # noqa: E402
 from segjax.inference import commands, per_image  # noqa: E402
+from segjax.inference.semantic import refine_with_crf  # noqa: E402
 from segjax.metrics import confusion_matrix, segmentation_metrics  # noqa: E402
 
 GRID = {"bilateral_weight": (3.0, 10.0), "bilateral_srgb": (13.0, 30.0),
@@ -41,9 +40,8 @@ def load_config(spec: str):
 
 
 def examples(config, dataset, split):
-  """(image uint8, label) pairs of a split, after the label ops eval uses."""
-  ops = "|".join(p for p in ("squeeze_labels", "check_image", config.inference.label_ops) if p)
-  prepare = transforms.parse_pipeline(ops)
+  """(image uint8, label) pairs of a split, prepared as eval.py prepares them."""
+  prepare = per_image.label_pipeline(config, dataset)
   source = dataset.source(split)
   for i in range(len(source)):
     example = prepare(source[i], np.random.default_rng(0))
@@ -59,8 +57,7 @@ def score(pairs, num_classes, ignore_index):
 
 
 def refine(probabilities, image, options):
-  unary = np.log(np.maximum(probabilities, 1e-8))[None]
-  return np.asarray(dense_crf(unary, image[None], **options)[0]).argmax(-1)
+  return np.asarray(refine_with_crf(probabilities, image, options)).argmax(-1)
 
 
 def main():
@@ -76,10 +73,10 @@ def main():
     config.data.data_dir = args.data_dir
   config.inference.mode = "whole"
   dataset, model, state, step, _, _ = commands.restore(config, args.checkpoint)
+  config.inference.crf.enabled = False  # the predictor gives the plain probabilities
   predictor = per_image.make_predictor(config, model, state, dataset.num_classes)
-  default = per_image.crf_options(config) or {
-      k: v for k, v in config.inference.crf.items() if k != "enabled"}
-  default["window"] = default["window"] or None
+  config.inference.crf.enabled = True
+  default = per_image.crf_options(config)
   n, ignore = dataset.num_classes, dataset.ignore_index
 
   tune = [(image, label, predictor.probabilities(image))
@@ -96,7 +93,7 @@ def main():
   held_out = [(image, label, predictor.probabilities(image))
               for image, label in examples(config, dataset, eval_split)]
   rows = [("no CRF", score(((p.argmax(-1), y) for _, y, p in held_out), n, ignore), 0.0)]
-  for name, options in (("CRF, default setting", default), ("CRF, tuned setting", best)):
+  for name, options in (("CRF, config setting", default), ("CRF, tuned setting", best)):
     refine(held_out[0][2], held_out[0][0], options)  # compile
     start = time.perf_counter()
     refined = [(refine(p, x, options), y) for x, y, p in held_out]

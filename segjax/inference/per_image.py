@@ -40,13 +40,19 @@ def crf_options(config: ml_collections.ConfigDict):
   return options
 
 
-def confusion(config: ml_collections.ConfigDict, dataset: DatasetSpec,
-              predictor: SemanticPredictor, progress: bool = True) -> np.ndarray:
-  """Confusion matrix of the predictor over the eval split, one image at a time."""
+def label_pipeline(config: ml_collections.ConfigDict, dataset: DatasetSpec):
+  """The ops that turn a record into the uint8 image and checked labels scored at
+  the original size (`inference.label_ops` included)."""
   ops = "|".join(p for p in ("squeeze_labels", "check_image", config.inference.label_ops,
                              f"check_labels(num_classes={dataset.num_classes}, "
                              f"ignore_index={dataset.ignore_index})") if p)
-  prepare = transforms.parse_pipeline(ops)
+  return transforms.parse_pipeline(ops)
+
+
+def confusion(config: ml_collections.ConfigDict, dataset: DatasetSpec,
+              predictor: SemanticPredictor, progress: bool = True) -> np.ndarray:
+  """Confusion matrix of the predictor over the eval split, one image at a time."""
+  prepare = label_pipeline(config, dataset)
   source = pipeline.process_slice(dataset.source(config.data.eval_split))
   confusion = np.zeros((dataset.num_classes,) * 2, np.int64)
   count = jax.jit(confusion_matrix, static_argnums=(2, 3))

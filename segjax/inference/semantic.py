@@ -145,6 +145,14 @@ def _argmax(total):
   return jnp.argmax(total, axis=-1).astype(jnp.int32)
 
 
+def refine_with_crf(probabilities, image: np.ndarray, options: Mapping[str, Any]):
+  """(H, W, C) probabilities refined by `segjax.classical.crf.dense_crf(**options)` on the
+  (H, W, 3) uint8 image, with -log p as the unary (DeepLab's post-processing)."""
+  from segjax.classical.crf import dense_crf
+  unary = jnp.log(jnp.maximum(probabilities, 1e-8))[None]
+  return dense_crf(unary, image[None], **options)[0]
+
+
 class SemanticPredictor:
   """Per-class probabilities and labels of one image at its original size.
 
@@ -166,8 +174,8 @@ class SemanticPredictor:
       multiple of this, and the canvases are padded alike, to bound the
       number of compiled shapes.
     crf: keyword arguments of `segjax.classical.crf.dense_crf` to refine the
-      averaged probabilities with a dense CRF on the image (DeepLab's
-      post-processing: the unary is -log p), or None for none.
+      averaged probabilities with a dense CRF on the image (`refine_with_crf`),
+      or None for none.
   """
 
   def __init__(self, model: nn.Module, variables: Any, num_classes: int, *,
@@ -240,7 +248,7 @@ class SemanticPredictor:
     height, width = image.shape[:2]
     probabilities = total[:height, :width] / np.float32(passes)
     if self.crf is not None:
-      probabilities = self._refine(probabilities, image)
+      probabilities = refine_with_crf(probabilities, image, self.crf)
     return np.asarray(probabilities)
 
   def predict(self, image: np.ndarray) -> np.ndarray:
@@ -251,11 +259,6 @@ class SemanticPredictor:
     labels = self._run(("argmax",) + total.shape[:2], _argmax, (total,))
     height, width = image.shape[:2]
     return np.ascontiguousarray(np.asarray(labels)[:height, :width])
-
-  def _refine(self, probabilities, image: np.ndarray):
-    from segjax.classical.crf import dense_crf
-    unary = jnp.log(jnp.maximum(probabilities, 1e-8))[None]
-    return dense_crf(unary, image[None], **self.crf)[0]
 
   def _run(self, key: tuple, fn, args: tuple, donate: Tuple[int, ...] = ()):
     """fn(*args), jit-compiled once per `key` (which must determine the shapes)."""

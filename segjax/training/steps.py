@@ -92,6 +92,15 @@ def accumulate_gradients(objective: Callable, params, batch_stats, batch, rng: j
   return loss_sum / total, sums, batch_stats, jax.tree.map(lambda g: g / total, grads_sum)
 
 
+def apply_gradients(state: TrainState, grads, batch_stats,
+                    tx: optax.GradientTransformation) -> TrainState:
+  """The state after one optimizer update with `grads` and the new BatchNorm statistics."""
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1,
+                       params=optax.apply_updates(state.params, param_updates),
+                       batch_stats=batch_stats, opt_state=opt_state)
+
+
 def _float32(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
                       else x, tree)
@@ -144,10 +153,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   loss, sums, batch_stats, grads = accumulate_gradients(
       objective, state.params, state.batch_stats, batch, jax.random.fold_in(rng, state.step),
       accumulation_steps, weight_key="valid")
-  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1,
-                            params=optax.apply_updates(state.params, param_updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
+  new_state = apply_gradients(state, grads, batch_stats, tx)
   metrics = {"loss": loss, "learning_rate": schedule(state.step),
              "pixel_accuracy": sums["correct"] / jnp.maximum(sums["valid"], 1),
              "grad_norm": optax.global_norm(grads)}
@@ -210,10 +216,7 @@ def detection_train_step(state: TrainState, batch: Dict[str, jax.Array], rng: ja
   loss, losses, batch_stats, grads = accumulate_gradients(
       objective, state.params, state.batch_stats, batch, jax.random.fold_in(rng, state.step),
       accumulation_steps)
-  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1,
-                            params=optax.apply_updates(state.params, param_updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
+  new_state = apply_gradients(state, grads, batch_stats, tx)
   metrics = {"loss": loss, "learning_rate": schedule(state.step),
              "grad_norm": optax.global_norm(grads),
              **{f"loss_{name}": value / accumulation_steps for name, value in losses.items()}}
