@@ -17,6 +17,7 @@ from PIL import Image
 from configs import fasterrcnn_coco, maskrcnn_coco, maskrcnn_shapes
 from segjax.convert import load_variables, save_variables
 from segjax.models.mask_rcnn import LOSS_NAMES, MaskRCNN
+from segjax.ops.targets import RoiTargets
 from segjax.training import steps
 from segjax.training.train_state import TrainState
 from segjax.training import trainer
@@ -110,6 +111,35 @@ def test_inference_outputs_are_padded_best_first(variables):
   assert ((masks >= 0) & (masks <= 1)).all() and not masks[~valid].any()
   boxes = np.asarray(out["boxes"])[valid]
   assert (boxes >= 0).all() and (boxes <= SIZE).all()
+
+
+def test_mask_slots_train_on_a_random_subset_of_the_foreground_rois(variables):
+  """With fewer slots than foreground RoIs the mask loss is one RoI's loss, a different one for
+  different keys; with enough slots it is the default loss."""
+  batch, slots = 1, 8  # box_batch_size_per_image 8 in TINY: S = 8 sampled rows.
+  levels = [jax.random.normal(jax.random.key(i), (batch, SIZE // s, SIZE // s, 8))
+            for i, s in enumerate((4, 8, 16, 32))]
+  targets = _targets(batch, 2)
+  labels = jnp.zeros((batch, slots), jnp.int32).at[0, 1].set(1).at[0, 5].set(3)
+  roi_t = RoiTargets(boxes=jnp.tile(targets["boxes"][:, :2], (1, slots // 2, 1)), labels=labels,
+                     box_targets=jnp.zeros((batch, slots, 4)),
+                     matched_idx=jnp.tile(jnp.arange(2, dtype=jnp.int32), (batch, slots // 2)),
+                     valid=jnp.ones((batch, slots), bool))
+
+  def mask_loss(model, roi_t, key):
+    return model.apply(variables, levels, roi_t, targets, targets["boxes"], key,
+                       method=lambda m, *a: m._mask_loss(*a))
+
+  both = float(mask_loss(_model(), roi_t, jax.random.key(0)))
+  assert float(mask_loss(_model(mask_slots=50), roi_t, jax.random.key(0))) == both
+  alone = [float(mask_loss(_model(), roi_t._replace(labels=jnp.where(
+      jnp.arange(slots) == keep, labels, 0)), jax.random.key(0))) for keep in (1, 5)]
+  assert np.isclose(both, np.mean(alone), rtol=1e-5) and not np.isclose(*alone)
+  one_slot = {float(mask_loss(_model(mask_slots=1), roi_t, jax.random.key(k)))
+              for k in range(12)}
+  assert len(one_slot) == 2 and all(np.isclose(alone, v, rtol=1e-5).any() for v in one_slot)
+  with pytest.raises(ValueError, match="mask_slots"):
+    mask_loss(_model(mask_slots=0), roi_t, jax.random.key(0))
 
 
 def test_faster_rcnn_has_no_mask_branch():

@@ -72,6 +72,10 @@ class MaskRCNN(nn.Module):
   box_pre_nms_top_k: Optional[int] = 1000
   mask_channels: int = 256
   mask_num_convs: int = 4
+  # Foreground RoI slots per image the mask head trains on; None: every slot the sampler can
+  # fill, int(box_batch_size_per_image * box_positive_fraction). Fewer slots cost less; an
+  # image with more foreground RoIs than slots then trains on a uniformly random subset.
+  mask_slots: Optional[int] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -208,15 +212,24 @@ class MaskRCNN(nn.Module):
     out = {"rpn_objectness": rpn_objectness, "rpn_box": rpn_box, "classifier": classifier,
            "box": box}
     if self.mask:
-      out["mask"] = self._mask_loss(levels, roi_t, targets, gt_boxes, images.shape[1:3])
+      out["mask"] = self._mask_loss(levels, roi_t, targets, gt_boxes,
+                                    jax.random.fold_in(rng, 2))
     return out
 
-  def _mask_loss(self, levels, roi_t, targets, gt_boxes, image_size):
-    """Mask BCE on the foreground RoIs, gathered into int(S * positive_fraction) fixed slots
-    (the most the sampler can draw)."""
-    slots = max(1, int(self.box_batch_size_per_image * self.box_positive_fraction))
+  def _mask_loss(self, levels, roi_t, targets, gt_boxes, rng):
+    """Mask BCE on the foreground RoIs, gathered into `mask_slots` fixed slots (by default
+    int(S * positive_fraction), the most the sampler can draw; with fewer, a random subset)."""
+    most = max(1, int(self.box_batch_size_per_image * self.box_positive_fraction))
+    if self.mask_slots is not None and self.mask_slots < 1:
+      raise ValueError(f"mask_slots must be a positive number of RoIs (or None), got "
+                       f"{self.mask_slots}.")
+    slots = min(most, self.mask_slots or most)
     foreground = roi_t.labels > 0
-    order = jnp.argsort(~foreground, axis=1, stable=True)[:, :slots]
+    if slots < most:  # Random priorities among the foreground RoIs: an unbiased subset.
+      priority = jnp.where(foreground, -1.0 - jax.random.uniform(rng, foreground.shape), 0.0)
+      order = jnp.argsort(priority, axis=1, stable=True)[:, :slots]
+    else:
+      order = jnp.argsort(~foreground, axis=1, stable=True)[:, :slots]
     take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)),
                                          axis=1)
     rois, labels, matched = take(roi_t.boxes), take(roi_t.labels), take(roi_t.matched_idx)
