@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.layers import batch_norm, remat
+from segjax.layers import Conv, batch_norm, remat
 
 # depth -> (bottleneck?, blocks per stage), torchvision's layer counts.
 ARCHS = {18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)),
@@ -39,7 +39,7 @@ def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1,
          name: Optional[str] = None, **kw) -> nn.Conv:
   """A bias-free conv padded like PyTorch's: `dilation * (kernel // 2)` each side."""
   pad = dilation * (kernel // 2)
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+  return Conv(features, (kernel, kernel), strides=(stride, stride),
                  kernel_dilation=(dilation, dilation), padding=((pad, pad), (pad, pad)),
                  use_bias=False, kernel_init=_conv_init, name=name, **kw)
 

@@ -15,7 +15,7 @@ from typing import Any, Dict
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.layers import batch_norm
+from segjax.layers import Conv, batch_norm
 
 # Output channels of each conv, per block, at width 64.
 BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -53,7 +53,7 @@ class VGG16(nn.Module):
     for b, channels in enumerate(BLOCKS, start=1):
       for i, c in enumerate(channels, start=1):
         pad = self.pad_first if (b, i) == (1, 1) and self.pad_first else 1
-        x = nn.Conv(c * self.width // 64, (3, 3), padding=((pad, pad), (pad, pad)),
+        x = Conv(c * self.width // 64, (3, 3), padding=((pad, pad), (pad, pad)),
                     kernel_init=_conv_init, name=f"conv{b}_{i}", **kw)(x)
         if self.batch_norm:
           x = batch_norm(train, self.dtype, self.param_dtype, name=f"bn{b}_{i}")(x)

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
+from segjax.layers import conv_grad
 from segjax.layers.norm import BatchNorm
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -27,6 +28,12 @@ def batch_norm(train: bool, dtype: Any, param_dtype: Any, name: Optional[str] = 
   """BatchNorm with PyTorch-like epsilon, batch statistics while training."""
   return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
                    dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class Conv(nn.Conv):
+  """`nn.Conv` (same parameters and outputs) whose filter gradient is a patch matmul on the CPU,
+  where XLA's own is slow (`segjax.layers.conv_grad`)."""
+  conv_general_dilated: Callable = conv_grad.conv_general_dilated
 
 
 class ConvBNAct(nn.Module):
@@ -49,7 +56,7 @@ class ConvBNAct(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     padding = [(self.dilation * (k // 2),) * 2 for k in self.kernel_size]
-    x = nn.Conv(self.features, tuple(self.kernel_size), strides=tuple(self.strides),
+    x = Conv(self.features, tuple(self.kernel_size), strides=tuple(self.strides),
                 kernel_dilation=(self.dilation, self.dilation), padding=padding,
                 feature_group_count=self.feature_group_count, use_bias=False,
                 dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,

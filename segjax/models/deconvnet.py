@@ -21,7 +21,7 @@ from typing import Any, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.layers import batch_norm, max_unpool
+from segjax.layers import Conv, batch_norm, max_unpool
 from segjax.models.registry import MODELS, check_images
 from segjax.models.segnet import VGG16_BLOCKS, VGGEncoder, decoder_widths
 
@@ -68,7 +68,7 @@ class DeconvNet(nn.Module):
     check_images(images, "DeconvNet")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     bn = lambda name: batch_norm(train, self.dtype, self.param_dtype, name=name)
-    conv = lambda features, kernel, padding, name: nn.Conv(
+    conv = lambda features, kernel, padding, name: Conv(
         features, (kernel, kernel), padding=padding, use_bias=False,
         kernel_init=nn.initializers.kaiming_normal(), name=name, **kw)
     x, pools = VGGEncoder(self.width, name="encoder", **kw)(images.astype(self.dtype), train)
@@ -83,5 +83,5 @@ class DeconvNet(nn.Module):
       x = max_unpool(x, indices, size)
       for i, features in enumerate(widths[b], start=1):
         x = DeconvBNAct(features, name=f"deconv{b + 1}_{i}", **kw)(x, train)
-    logits = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+    logits = Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
     return logits.astype(jnp.float32)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.backbones import BACKBONES
-from segjax.layers import ASPP, ConvBNAct, SeparableConvBNAct, resize_bilinear
+from segjax.layers import ASPP, Conv, ConvBNAct, SeparableConvBNAct, resize_bilinear
 from segjax.models.heads import outputs_at_input_size
 from segjax.models.registry import MODELS, check_images
 
@@ -42,7 +42,7 @@ class DeepLabV3(nn.Module):
     rates = self.aspp_rates or tuple(r * 8 // self.output_stride for r in (12, 24, 36))
     x = ASPP(tuple(rates), self.channels, name="aspp", **kw)(features["stage4"], train)
     x = ConvBNAct(self.channels, (3, 3), name="head_conv", **kw)(x, train)
-    x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+    x = Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
     return outputs_at_input_size(x, images, features, train, self.num_classes,
                                  self.aux_channels, **kw)
 
@@ -88,6 +88,6 @@ class DeepLabV3Plus(nn.Module):
     x = jnp.concatenate([x, low], axis=-1)
     for i in range(2):
       x = SeparableConvBNAct(self.channels, name=f"decoder_conv{i}", **kw)(x, train)
-    x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+    x = Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
     return outputs_at_input_size(x, images, features, train, self.num_classes,
                                  self.aux_channels, **kw)

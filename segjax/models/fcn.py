@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.layers import Conv
 from segjax.backbones import BACKBONES
 from segjax.models.heads import FCNHead, outputs_at_input_size
 from segjax.models.registry import MODELS, check_images
@@ -116,9 +117,9 @@ class _FCNVGG(nn.Module):
                                             ceil_mode=paper, name="backbone", **kw)(x, train)
     y = features["pool5"]
     for name, k, pad in (("fc6", 7, 0 if paper else 3), ("fc7", 1, 0)):
-      y = nn.Conv(self.fc_width, (k, k), padding=((pad, pad), (pad, pad)), name=name, **kw)(y)
+      y = Conv(self.fc_width, (k, k), padding=((pad, pad), (pad, pad)), name=name, **kw)(y)
       y = nn.Dropout(0.5, deterministic=not train)(nn.relu(y))
-    score = lambda name: nn.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros,
+    score = lambda name: Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros,
                                  name=name, **kw)
     y = score("score_fr")(y)
     for up_name, pool in zip(("upscore2", "upscore_pool4"), self.skips):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.layers import Conv
 from segjax.backbones import BACKBONES, ResNet
 from segjax.models.registry import check_images
 
@@ -67,13 +68,13 @@ class FPN(nn.Module):
     merged = [None] * levels
     top_down = None
     for i in reversed(range(levels)):
-      x = nn.Conv(self.channels, (1, 1), name=f"inner_{i}", **kw)(features[self.in_features[i]])
+      x = Conv(self.channels, (1, 1), name=f"inner_{i}", **kw)(features[self.in_features[i]])
       if top_down is not None:
         x = x + resize_nearest(top_down, x.shape[1:3])
       merged[i] = top_down = x
     out = {}
     for i, x in enumerate(merged):
-      out[f"p{i + self.first_level}"] = nn.Conv(
+      out[f"p{i + self.first_level}"] = Conv(
           self.channels, (3, 3), padding=((1, 1), (1, 1)), name=f"layer_{i}", **kw)(x)
     # F.max_pool2d(x, kernel_size=1, stride=2): every other row and column from the first.
     out[f"p{levels + self.first_level}"] = out[f"p{levels + self.first_level - 1}"][:, ::2, ::2]

@@ -4,7 +4,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.layers import ConvBNAct, resize_bilinear
+from segjax.layers import Conv, ConvBNAct, resize_bilinear
 
 
 class FCNHead(nn.Module):
@@ -26,7 +26,7 @@ class FCNHead(nn.Module):
       x = ConvBNAct(self.channels, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype,
                     name=f"conv{i}")(x, train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
+    return Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
                    name="classifier")(x)
 
 

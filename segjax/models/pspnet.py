@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.backbones import BACKBONES
-from segjax.layers import ConvBNAct, PyramidPoolingModule
+from segjax.layers import Conv, ConvBNAct, PyramidPoolingModule
 from segjax.models.heads import outputs_at_input_size
 from segjax.models.registry import MODELS, check_images
 
@@ -43,6 +43,6 @@ class PSPNet(nn.Module):
         features["stage4"], train)
     x = ConvBNAct(self.head_channels, (3, 3), name="bottleneck", **kw)(x, train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+    x = Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
     return outputs_at_input_size(x, images, features, train, self.num_classes,
                                  self.aux_channels, dropout=self.dropout, **kw)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.layers import Deconv2x2
+from segjax.layers import Conv, Deconv2x2
 from segjax.ops import batched_nms, clip_boxes, decode_boxes
 from segjax.ops.boxes import DEFAULT_WEIGHTS
 
@@ -116,12 +116,12 @@ class MaskHead(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, bias_init=nn.initializers.zeros)
     d = self.dilation
     for i in range(self.num_convs):
-      x = nn.Conv(self.channels, (3, 3), padding=((d, d), (d, d)), kernel_dilation=(d, d),
+      x = Conv(self.channels, (3, 3), padding=((d, d), (d, d)), kernel_dilation=(d, d),
                   kernel_init=_conv_kernel_init, name=f"mask_fcn_{i}", **kw)(x)
       x = nn.relu(x)
     x = Deconv2x2(self.channels, kernel_init=_deconv_kernel_init, name="conv5_mask", **kw)(x)
     x = nn.relu(x)
-    x = nn.Conv(self.num_classes + 1, (1, 1), kernel_init=_conv_kernel_init,
+    x = Conv(self.num_classes + 1, (1, 1), kernel_init=_conv_kernel_init,
                 name="mask_fcn_logits", **kw)(x)
     return x.reshape(lead + x.shape[1:])
 

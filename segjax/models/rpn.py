@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.layers import Conv
 from segjax.ops import batched_nms, clip_boxes, decode_boxes
 
 # torchvision's RPNHead init: normal_(std=0.01) weights, zero biases.
@@ -51,10 +52,10 @@ class RPNHead(nn.Module):
     channels = channels.pop()
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_rpn_init,
               bias_init=nn.initializers.zeros)
-    convs = [nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), name=f"conv_{i}", **kw)
+    convs = [Conv(channels, (3, 3), padding=((1, 1), (1, 1)), name=f"conv_{i}", **kw)
              for i in range(self.conv_depth)]
-    cls_logits = nn.Conv(self.num_anchors, (1, 1), name="cls_logits", **kw)
-    bbox_pred = nn.Conv(4 * self.num_anchors, (1, 1), name="bbox_pred", **kw)
+    cls_logits = Conv(self.num_anchors, (1, 1), name="cls_logits", **kw)
+    bbox_pred = Conv(4 * self.num_anchors, (1, 1), name="bbox_pred", **kw)
     objectness, deltas = [], []
     for x in features:
       for conv in convs:

@@ -18,7 +18,7 @@ from typing import Any, List, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.layers import ConvBNAct, max_pool_with_indices, max_unpool
+from segjax.layers import Conv, ConvBNAct, max_pool_with_indices, max_unpool
 from segjax.models.registry import MODELS, check_images
 
 # VGG-16's conv blocks: (convs, channels as a multiple of `width`).
@@ -77,5 +77,5 @@ class SegNet(nn.Module):
       layers = widths[b][:-1] if b == 0 else widths[b]
       for i, features in enumerate(layers):
         x = ConvBNAct(features, name=f"decoder{b + 1}_conv{len(widths[b]) - i}", **kw)(x, train)
-    logits = nn.Conv(self.num_classes, (3, 3), padding="SAME", name="classifier", **kw)(x)
+    logits = Conv(self.num_classes, (3, 3), padding="SAME", name="classifier", **kw)(x)
     return logits.astype(jnp.float32)

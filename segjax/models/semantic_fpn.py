@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.layers import resize_bilinear
+from segjax.layers import Conv, resize_bilinear
 
 NORMS = ("GN", "")
 GN_GROUPS = 32
@@ -127,7 +127,7 @@ class SemanticFPNHead(nn.Module):
     for level, (key, x, stages) in enumerate(zip(self.in_features, maps, self.stages())):
       x = x.astype(self.dtype)
       for k in range(stages):
-        x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=not self.norm,
+        x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=not self.norm,
                     kernel_init=c2_msra_fill, name=f"{key}_{k}", **kw)(x)
         if self.norm:
           x = nn.GroupNorm(GN_GROUPS, epsilon=1e-5, name=f"{key}_{k}_norm", **kw)(x)
@@ -137,4 +137,4 @@ class SemanticFPNHead(nn.Module):
       total = x if total is None else total + x
     init = (c2_msra_fill if self.predictor_std is None
             else nn.initializers.normal(self.predictor_std))
-    return nn.Conv(self.num_classes, (1, 1), kernel_init=init, name="predictor", **kw)(total)
+    return Conv(self.num_classes, (1, 1), kernel_init=init, name="predictor", **kw)(total)

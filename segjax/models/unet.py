@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.backbones import BACKBONES
-from segjax.layers import ConvBNAct, Deconv2x2, resize_bilinear
+from segjax.layers import Conv, ConvBNAct, Deconv2x2, resize_bilinear
 from segjax.models.registry import MODELS, check_images
 
 
@@ -55,7 +55,7 @@ class UNet(nn.Module):
       x = Deconv2x2(features, name=f"upsample{level}", **kw)(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = DoubleConv(features, name=f"up{level}", **kw)(x, train)
-    logits = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+    logits = Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
     return logits.astype(jnp.float32)
 
 
@@ -85,7 +85,7 @@ class ValidDoubleConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     for i in range(2):
-      x = nn.Conv(self.features, (3, 3), padding="VALID", dtype=self.dtype,
+      x = Conv(self.features, (3, 3), padding="VALID", dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f"conv{i}",
                   kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"))(x)
       x = nn.relu(x)
@@ -140,7 +140,7 @@ class UNetValid(nn.Module):
       x = Deconv2x2(features, name=f"upsample{level}", **kw)(x)
       x = jnp.concatenate([center_crop(skips[level], x.shape[1:3]), x], axis=-1)
       x = ValidDoubleConv(features, name=f"up{level}", **kw)(x)
-    logits = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+    logits = Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
     return logits.astype(jnp.float32)
 
 
@@ -181,7 +181,7 @@ class UNetResNet(nn.Module):
       x = Deconv2x2(channels, name=f"upsample_{skip}", **kw)(x)
       x = jnp.concatenate([features[skip], x], axis=-1)
       x = DoubleConv(channels, name=f"up_{skip}", **kw)(x, train)
-    logits = nn.Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
+    logits = Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
     logits = resize_bilinear(logits.astype(jnp.float32),
                              (2 * logits.shape[1], 2 * logits.shape[2]), align_corners=False)
     return logits[:, :height, :width]

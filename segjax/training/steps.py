@@ -4,7 +4,8 @@
 functions of arrays; the trainer binds the keyword arguments with
 `functools.partial` and jits them with explicit shardings.
 """
-from typing import Any, Callable, Dict, Optional, Tuple
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from segjax.inference import predict_at_original_size
-from segjax.layers import norm, remat, resize_bilinear
+from segjax.layers import conv_grad, norm, remat, resize_bilinear
 from segjax.losses import build_loss
 from segjax.metrics import confusion_matrix
 from segjax.training.train_state import TrainState
@@ -35,6 +36,16 @@ def align(logits: jax.Array, labels: jax.Array, model: nn.Module,
 
 
 DEFAULT_LOSS = ({"name": "cross_entropy", "weight": 1.0},)
+
+
+@contextlib.contextmanager
+def _training_context(bn_groups: int, remat_policy: str,
+                      conv_filter_gradient: str) -> Iterator[None]:
+  """The trace-time settings of a train step's forward pass: BatchNorm groups, remat policy
+  and how convolutions take their filter gradient."""
+  with (norm.batch_statistics(bn_groups), remat.rematerialization(remat_policy),
+        conv_grad.filter_gradient(conv_filter_gradient)):
+    yield
 
 
 def micro_batches(batch: Dict[str, jax.Array], count: int) -> Dict[str, jax.Array]:
@@ -111,7 +122,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
                ignore_index: int, loss_fn: Optional[Callable] = None,
                class_weights: Optional[Tuple[float, ...]] = None,
                aux_weight: float = 0.4, accumulation_steps: int = 1, bn_groups: int = 1,
-               remat_policy: str = "") -> Tuple[TrainState, Dict[str, jax.Array]]:
+               remat_policy: str = "", conv_filter_gradient: str = "auto"
+               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer step on a global batch; returns the new state and scalars.
 
   `loss_fn` is `segjax.losses.build_loss(spec)` (default: cross-entropy). The
@@ -124,14 +136,16 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   (`accumulate_gradients`, weighted by valid pixels: the large-batch update for a
   per-pixel mean loss such as cross-entropy); `bn_groups` > 1 gives BatchNorm
   per-device statistics (`segjax.layers.norm`); `remat_policy` rematerializes
-  the backbone blocks (`segjax.layers.remat`).
+  the backbone blocks (`segjax.layers.remat`); `conv_filter_gradient` says how
+  convolutions take their filter gradient (`segjax.layers.conv_grad`: "auto" is
+  a patch matmul on the CPU, XLA's own elsewhere).
   """
   loss_fn = loss_fn or build_loss(DEFAULT_LOSS)
 
   def objective(params, batch_stats, micro, rng):
     labels = micro["label"].astype(jnp.int32)
     pixel_weights = micro.get("pixel_weights")
-    with norm.batch_statistics(bn_groups), remat.rematerialization(remat_policy):
+    with _training_context(bn_groups, remat_policy, conv_filter_gradient):
       outputs, updates = model.apply(
           {"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
           mutable=["batch_stats"], rngs={"dropout": rng})
@@ -192,20 +206,21 @@ def detection_train_step(state: TrainState, batch: Dict[str, jax.Array], rng: ja
                          schedule: optax.Schedule,
                          loss_weights: Optional[Dict[str, float]] = None,
                          accumulation_steps: int = 1, bn_groups: int = 1,
-                         remat_policy: str = "") -> Tuple[TrainState, Dict[str, jax.Array]]:
+                         remat_policy: str = "", conv_filter_gradient: str = "auto"
+                         ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer step of a two-stage detector (`MaskRCNN`) on a global batch.
 
   The batch carries `image` and the padded instance rows (`boxes`, `classes`,
   `instance_valid`, optional `is_crowd`, and `masks` or `box_masks`); the loss is
   the weighted sum of the model's losses (weight 1 where `loss_weights` has none).
   With `accumulation_steps` > 1 the micro-batches' losses are averaged with equal
-  weights; `bn_groups` and `remat_policy` as in `train_step`.
+  weights; `bn_groups`, `remat_policy` and `conv_filter_gradient` as in `train_step`.
   """
   loss_weights = dict(loss_weights or {})
 
   def objective(params, batch_stats, micro, rng):
     targets = {k: v for k, v in micro.items() if k != "image"}
-    with norm.batch_statistics(bn_groups), remat.rematerialization(remat_policy):
+    with _training_context(bn_groups, remat_policy, conv_filter_gradient):
       losses, updates = model.apply(
           {"params": params, "batch_stats": batch_stats}, micro["image"], targets,
           rng, train=True, mutable=["batch_stats"], method="losses")
