@@ -59,6 +59,18 @@ def load_config():
   return config
 
 
+def use_compilation_cache(setting: str, workdir: str) -> None:
+  """Points JAX's persistent compilation cache at `setting` ("" = <workdir>/compilation_cache,
+  "off" = no cache), unless $JAX_COMPILATION_CACHE_DIR chooses already: a resumed or restarted
+  run then loads its compiled steps instead of compiling them again."""
+  import os
+  if setting == "off" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.expanduser(setting) or os.path.join(workdir, "compilation_cache"))
+
+
 def run(command: Callable[[], None]) -> None:
   """Starts the multi-process runtime if asked, then runs `command`; configuration
   and data problems exit with one sentence."""

@@ -93,6 +93,7 @@ def test_cli_smoke_trains_and_loss_falls(data_dir, tmp_path):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "40"]
   assert os.listdir(workdir / "tensorboard")
   assert os.listdir(workdir / "predictions") == ["step_0000040.png"]
+  assert os.listdir(workdir / "compilation_cache")  # compiled steps, for a resumed run
   # The same command again finds the finished run and only evaluates it.
   again = _train_cli("--config", "configs/unet_shapes.py:smoke", "--workdir", str(workdir),
                      f"--config.data.data_dir={data_dir}", "--config.total_steps=40",
