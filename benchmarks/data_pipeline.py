@@ -11,7 +11,8 @@ random resize of (2048, 512) by 0.5-2, 512x512 crop with cat_max_ratio 0.75,
 flip, photometric distortion, pad, normalize) through grain with 0..N worker
 processes. The reference is PyTorch's DataLoader running the same ops with the
 same number of workers. The train step is PSPNet-R50-D8's at 512x512 (batch 2,
-float32) on the same machine.
+float32) on the same machine. `--json PATH` also writes the table as
+benchmarks/report.py's JSON.
 """
 import argparse
 import io
@@ -26,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
 from configs import pspnet_ade20k  # noqa: E402
 from segjax.data import pipeline, transforms  # noqa: E402
 from segjax.data.sources import get_dataset  # noqa: E402
@@ -107,6 +109,7 @@ def main():
   parser.add_argument("--batches", type=int, default=4)
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--no-train-step", action="store_true")
+  report.add_json_argument(parser)
   args = parser.parse_args()
 
   config = pspnet_ade20k.get_config()
@@ -118,14 +121,28 @@ def main():
     source = dataset.source("train")
     ops = trainer.data_ops(config, config.data.train_ops, dataset)
     print(f"{os.cpu_count()} CPUs; pipeline: {ops}")
-    print(f"{'workers':>7} {'grain img/s':>12} {'torch img/s':>12} {'ratio':>6}")
+    table = report.Table(["worker processes", "grain img/s", "torch DataLoader img/s",
+                          "ratio (grain img/s / torch img/s)"])
     for workers in args.workers:
       ours = grain_images_per_second(source, ops, args.batch, workers, args.batches)
       theirs = torch_images_per_second(source, ops, args.batch, workers, args.batches)
-      print(f"{workers:>7} {ours:>12.1f} {theirs:>12.1f} {ours / theirs:>6.2f}")
+      table.add(workers, f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}")
+  notes = []
   if not args.no_train_step:
-    print(f"PSPNet-R50-D8 train step, 512x512, batch 2: "
-          f"{train_step_images_per_second(config):.3f} img/s")
+    notes.append(f"PSPNet-R50-D8 train step, 512x512, batch 2, float32: "
+                 f"{train_step_images_per_second(config):.3f} img/s")
+  table.finish(
+      args.json, benchmark="ADE20K training input pipeline: grain against torch DataLoader",
+      setup=(f"A synthetic ADEChallengeData2016.zip of {args.images} JPEG images at ADE20K's "
+             "usual sizes (short side 384-768, aspect up to 1.6; PNG labels with 151 ids) is "
+             "prepared with the real `ade20k` builder; the configs/pspnet_ade20k.py training "
+             "pipeline (decode, reduce_zero_label, random resize of (2048, 512) by 0.5-2, 512x512 "
+             "crop with cat_max_ratio 0.75, flip, photometric distortion, pad, normalize) runs in "
+             "grain with 2 reader threads per process and the given number of worker processes "
+             f"(0: in the main process), batches of {args.batch}, timed over {args.batches} "
+             "batches after the first. The reference is PyTorch's DataLoader running the same ops "
+             "with the same number of workers."),
+      notes=notes)
 
 
 if __name__ == "__main__":

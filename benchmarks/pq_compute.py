@@ -12,6 +12,7 @@ relabelled and spurious segments) into a temp dir. Times, on the same files:
 the rules). Both read their PNGs, so the file timings include PNG decoding; the
 in-memory lines time the per-image scoring alone on arrays already decoded
 (`PQAccumulator.add` against `reference_image_counts`). Results are checked equal.
+`--json PATH` also writes the table as benchmarks/report.py's JSON.
 """
 import argparse
 import json
@@ -26,6 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pq_reference  # noqa: E402
+import report  # noqa: E402
 from segjax.metrics import panoptic  # noqa: E402
 
 
@@ -55,6 +57,7 @@ def main():
   parser.add_argument("--size", type=int, default=512)
   parser.add_argument("--things", type=int, default=16, help="thing instances per image")
   parser.add_argument("--repeats", type=int, default=2, help="timings are the best of these")
+  report.add_json_argument(parser)
   args = parser.parse_args()
 
   categories = pq_reference.make_categories(num_things=80, num_stuff=53)
@@ -66,12 +69,23 @@ def main():
       gt_anns = json.load(f)["annotations"]
     with open(pred_json) as f:
       pred_anns = {a["image_id"]: a for a in json.load(f)["annotations"]}
-    segments = [(len(a["segments_info"]), len(pred_anns[a["image_id"]]["segments_info"]))
-                for a in gt_anns]
+    mean_gt, mean_pred = np.mean(
+        [(len(a["segments_info"]), len(pred_anns[a["image_id"]]["segments_info"]))
+         for a in gt_anns], axis=0)
+    setup = (f"{args.images} random panoptic pairs of {args.size}x{args.size} PNGs (80 thing and "
+             f"53 stuff classes like COCO, 3 stuff regions and {args.things} thing instances per "
+             f"image with crowd and VOID; {mean_gt:.1f} ground-truth and {mean_pred:.1f} "
+             "predicted segments per image on average) scored by `segjax.metrics.pq_compute` and "
+             "by the straightforward reference in benchmarks/pq_reference.py (one boolean mask "
+             "per segment, one loop per segment pair, REFERENCE.md's rules). Both read their "
+             "PNGs, so file rows include PNG decoding; the in-memory rows time the per-image "
+             "scoring alone on decoded arrays (`PQAccumulator.add` against "
+             "`reference_image_counts`). Workers are threads of this process; the reference uses "
+             "one. 'PNG reading alone' is the read_id_png share of pq_compute, a floor for 1 "
+             f"worker. Best of {args.repeats} runs.")
     print(f"{args.images} images of {args.size}x{args.size}, mean segments per image: "
-          f"{np.mean([s[0] for s in segments]):.1f} gt, {np.mean([s[1] for s in segments]):.1f} "
-          f"predicted; numpy {np.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs")
+          f"{mean_gt:.1f} gt, {mean_pred:.1f} predicted; numpy {np.__version__}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
 
     timings = {}
     timings["reference"], expected = best_time(lambda: pq_reference.reference_pq_compute(
@@ -115,13 +129,14 @@ def main():
     check_equal(result, expected)
 
   scale = 1000 / args.images
-  print(f"PQ {100 * expected['All']['pq']:.2f} (results equal to the reference)")
-  print(f"{'':26s}  s/1000 images   speed-up over its reference")
+  table = report.Table(["timed", "s / 1000 images", "ratio (its reference s / this s)"])
   for name, seconds in timings.items():
     reference = timings["reference in memory" if "memory" in name else "reference"]
-    print(f"{name:>26s}: {seconds * scale:10.2f}   {reference / seconds:8.1f}x")
-  print("Workers are threads of this process; the reference uses one. 'PNG reading alone' is "
-        "the read_id_png share of pq_compute, a floor for 1 worker.")
+    table.add(name, f"{seconds * scale:.2f}", f"{reference / seconds:.1f}")
+  table.finish(args.json, benchmark="Panoptic quality: pq_compute against a per-segment reference",
+               setup=setup,
+               notes=[f"PQ {100 * expected['All']['pq']:.2f}; pq_compute's and PQAccumulator's "
+                      "results (all, things, stuff, per class) equal to the reference's"])
 
 
 if __name__ == "__main__":

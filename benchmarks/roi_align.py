@@ -9,7 +9,8 @@ removed), run per level on the RoIs assigned to that level as MultiScaleRoIAlign
 version samples adaptive grids over the whole map ([K, C, 7, 7, H, W] elements), which does not
 fit in memory at these sizes, so it runs only with sampling ratio 2; the JAX side runs both.
 The table gives the mean of `--repeats` calls after one warm-up (compilation) call and the
-reference's time divided by JAX's (above 1: JAX is faster).
+reference's time divided by JAX's (above 1: JAX is faster). `--json PATH` also writes the
+table as benchmarks/report.py's JSON.
 """
 import argparse
 import os
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import report
 from segjax.ops.roi_align import fpn_levels, multilevel_roi_align
 
 LEVELS = (2, 3, 4, 5)
@@ -51,6 +53,7 @@ def main():
   parser.add_argument("--channels", type=int, default=256)
   parser.add_argument("--image", type=int, default=800)
   parser.add_argument("--repeats", type=int, default=3)
+  report.add_json_argument(parser)
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   maps = [rng.normal(size=(1, args.image >> k, args.image >> k, args.channels))
@@ -61,7 +64,9 @@ def main():
   torch_maps = [torch.from_numpy(m).permute(0, 3, 1, 2).contiguous() for m in maps]
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}")
-  print(f"{'rois':>5} {'sampling':>8} {'jax RoIs/s':>11} {'torchvision RoIs/s':>18} {'ratio':>6}")
+  table = report.Table(["RoIs", "sampling", "segjax RoIs/s", "torchvision (Python) RoIs/s",
+                        "ratio (torchvision s / segjax s)", "max abs diff"])
+  max_diffs = []
   for num in [int(n) for n in args.rois.split(",")]:
     sizes = np.exp(rng.uniform(np.log(16), np.log(args.image), (num, 2)))
     x1y1 = rng.uniform(0, 1, (num, 2)) * (args.image - sizes)
@@ -88,11 +93,23 @@ def main():
           ref = reference().permute(0, 2, 3, 1).numpy()
           got = np.asarray(pool(jax_maps, jnp.asarray(boxes)))[0]
           max_diff = float(np.abs(ref - got).max())
+          max_diffs.append(max_diff)
           ref_s = timed(reference, args.repeats)
-        print(f"{num:>5} {ratio:>8} {num / jax_s:>11.0f} {num / ref_s:>18.0f} "
-              f"{ref_s / jax_s:>6.2f}   (max |diff| {max_diff:.1e})")
+        table.add(num, ratio, f"{num / jax_s:.0f}", f"{num / ref_s:.0f}", f"{ref_s / jax_s:.2f}",
+                  f"{max_diff:.1e}")
       else:
-        print(f"{num:>5} {'adaptive':>8} {num / jax_s:>11.0f} {'(does not fit)':>18} {'-':>6}")
+        table.add(num, "adaptive", f"{num / jax_s:.0f}", "(does not fit)", "-", "-")
+  table.finish(
+      args.json, benchmark="Multi-level RoIAlign: segjax against torchvision",
+      setup=(f"`multilevel_roi_align` (jitted, jax on {jax.devices()[0].platform}) pooling 7x7, "
+             f"aligned, from P2-P5 of a {args.image}x{args.image} image (batch 1, {args.channels} "
+             "channels, random boxes) against torchvision's pure-Python `_roi_align` run per FPN "
+             "level on the RoIs assigned to it, as MultiScaleRoIAlign does (torchvision's "
+             "compiled kernel does not load here). The reference samples adaptive grids over "
+             "whole maps, which does not fit in memory, so it runs with sampling ratio 2 only. "
+             f"Mean of {args.repeats} calls after one warm-up (compilation) call."),
+      notes=[f"outputs equal to torchvision's within {max(max_diffs):.1e} (largest absolute "
+             f"difference, sampling ratio 2)"])
 
 
 if __name__ == "__main__":

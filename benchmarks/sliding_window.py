@@ -2,16 +2,18 @@
 inference against image size, with a plain per-window loop as the reference.
 
   python benchmarks/sliding_window.py --sizes 512x512,512x1024,1024x2048
+  python benchmarks/sliding_window.py --sizes 1024x2048 --window-batch 1,4
 
 The model is a small U-Net (random weights; the speed does not depend on them).
 The reference runs mmseg's slide_inference loop on the host: one jitted call
 per window (batch 1), the window logits copied back and summed into a numpy
 canvas, divided by the counts, argmax. SemanticPredictor runs the windows in
-fixed batches of `--window-batch` and keeps the canvas on the device. The
-first call of each (compilation) is timed separately; the table gives the mean
-of `--repeats` later calls of `predict`, the reference's time divided by the
-predictor's (above 1: the predictor is faster) and the fraction of pixels on
-which the two agree.
+fixed batches of `--window-batch` (one table row per value) and keeps the
+canvas on the device. The first call of each (compilation) is timed
+separately; the table gives the mean of `--repeats` later calls of `predict`,
+the reference's time divided by the predictor's (above 1: the predictor is
+faster) and the fraction of pixels on which the two agree. `--json PATH` also
+writes the table as benchmarks/report.py's JSON.
 """
 import argparse
 import os
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import report
 from segjax.inference import SemanticPredictor
 from segjax.models import build_model
 
@@ -63,6 +66,13 @@ def parse_size(text):
   return height, width
 
 
+def parse_batches(text):
+  batches = [int(v) for v in text.split(",")]
+  if min(batches) < 1:
+    raise argparse.ArgumentTypeError(f"window batches must be positive, got {text!r}")
+  return batches
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", default="512x512,512x1024,1024x2048",
@@ -72,8 +82,10 @@ def main():
   parser.add_argument("--classes", type=int, default=19)
   parser.add_argument("--window", type=parse_size, default=(512, 512))
   parser.add_argument("--stride", type=parse_size, default=(341, 341))
-  parser.add_argument("--window-batch", type=int, default=4)
+  parser.add_argument("--window-batch", type=parse_batches, default=[4],
+                      help="comma-separated windows per model call in slide mode, a row each")
   parser.add_argument("--repeats", type=int, default=2)
+  report.add_json_argument(parser)
   args = parser.parse_args()
   sizes = [parse_size(s) for s in args.sizes.split(",")]
 
@@ -81,9 +93,10 @@ def main():
   init = jax.jit(model.init, static_argnames="train")
   variables = init(jax.random.key(0, impl="rbg"), np.zeros((1, 32, 32, 3), np.float32),
                    train=False)
-  common = dict(mean=MEAN, std=STD, window=args.window, stride=args.stride,
-                window_batch=args.window_batch)
-  slide = SemanticPredictor(model, variables, args.classes, mode="slide", **common)
+  common = dict(mean=MEAN, std=STD, window=args.window, stride=args.stride)
+  slides = {batch: SemanticPredictor(model, variables, args.classes, mode="slide",
+                                     window_batch=batch, **common)
+            for batch in args.window_batch}
   whole = SemanticPredictor(model, variables, args.classes, mode="whole", **common)
   mean, std = np.float32(MEAN), np.float32(STD)
   forward = jax.jit(lambda v, x: model.apply(v, (x.astype(jnp.float32) - mean) / std,
@@ -91,25 +104,38 @@ def main():
 
   device = jax.devices()[0]
   print(f"U-Net width {args.width} depth {args.depth}, {args.classes} classes; window "
-        f"{args.window}, stride {args.stride}, window batch {args.window_batch}; jax "
-        f"{jax.__version__} on {device.platform} ({device.device_kind}), "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
-  print(f"{'image':>10} {'windows':>7} {'slide s':>8} {'(1st)':>7} {'whole s':>8} {'(1st)':>7} "
-        f"{'loop s':>8} {'(1st)':>7} {'loop/slide':>10} {'agree':>6}")
+        f"{args.window}, stride {args.stride}; jax {jax.__version__} on {device.platform} "
+        f"({device.device_kind}), {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}")
+  table = report.Table(["image", "windows", "window batch", "slide s (1st)", "whole s (1st)",
+                        "loop s (1st)", "ratio (loop s / slide s)", "agree"])
   rng = np.random.default_rng(0)
   for height, width in sizes:
     image = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
     grids = [max(s - w + t - 1, 0) // t + 1 for s, w, t in zip((height, width), args.window,
                                                                args.stride)]
-    slide_first, slide_s, slide_labels = timed(lambda: slide.predict(image), args.repeats)
+    slide_runs = {batch: timed(lambda: slide.predict(image), args.repeats)
+                  for batch, slide in slides.items()}
     whole_first, whole_s, _ = timed(lambda: whole.predict(image), args.repeats)
     loop_first, loop_s, loop_labels = timed(
         lambda: reference_slide(forward, variables, image, args.window, args.stride,
                                 args.classes), args.repeats)
-    agree = float((slide_labels == loop_labels).mean())
-    print(f"{height:>4}x{width:<5} {grids[0] * grids[1]:>7} {slide_s:>8.3f} {slide_first:>7.2f} "
-          f"{whole_s:>8.3f} {whole_first:>7.2f} {loop_s:>8.3f} {loop_first:>7.2f} "
-          f"{loop_s / slide_s:>10.2f} {agree:>6.4f}")
+    for batch, (slide_first, slide_s, slide_labels) in slide_runs.items():
+      table.add(f"{height}x{width}", grids[0] * grids[1], batch,
+                f"{slide_s:.3f} ({slide_first:.2f})", f"{whole_s:.3f} ({whole_first:.2f})",
+                f"{loop_s:.3f} ({loop_first:.2f})", f"{loop_s / slide_s:.2f}",
+                f"{float((slide_labels == loop_labels).mean()):.4f}")
+  table.finish(
+      args.json, benchmark="Sliding-window inference against image size",
+      setup=(f"U-Net width {args.width}, depth {args.depth}, {args.classes} classes, random "
+             f"weights; window {args.window[0]}x{args.window[1]}, stride "
+             f"{args.stride[0]}x{args.stride[1]}; images HxW; jax on {device.platform}. "
+             "`SemanticPredictor` in slide mode (windows in compiled batches of 'window batch', "
+             "canvas on the device) and whole mode, against a reference loop as mmseg's "
+             "slide_inference: one jitted batch-1 call per window, logits summed into a numpy "
+             f"canvas on the host. Seconds per image, mean of {args.repeats} calls after the "
+             "first, which is given in brackets (it includes compilation); 'agree' is the "
+             "fraction of pixels where the slide and loop labels match."))
 
 
 if __name__ == "__main__":

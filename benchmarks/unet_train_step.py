@@ -6,7 +6,8 @@ PyTorch, in one run, on whatever device each framework finds (CPU here).
 Both run forward + backward + an SGD-momentum update on a fixed random batch;
 the first steps (compilation, allocator warm-up) are not timed. Prints images/s
 for JAX, PyTorch (NCHW) and PyTorch channels_last, and JAX's step time divided
-by each (above 1: JAX is slower).
+by each (above 1: JAX is slower). `--json PATH` also writes the table as
+benchmarks/report.py's JSON.
 """
 import argparse
 import functools
@@ -18,6 +19,7 @@ import optax
 import torch
 from torch import nn
 
+import report
 from segjax.models import build_model
 from segjax.training import steps
 from segjax.training.train_state import TrainState
@@ -103,6 +105,7 @@ def main():
   parser.add_argument("--classes", type=int, default=7)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=3)
+  report.add_json_argument(parser)
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, args.size, args.size, 3)).astype(np.float32)
@@ -113,9 +116,19 @@ def main():
   results = {"jax": bench_jax(args, images, labels),
              "torch": bench_torch(args, images, labels, channels_last=False),
              "torch channels_last": bench_torch(args, images, labels, channels_last=True)}
+  table = report.Table(["framework", "ms/step", "img/s", "ratio (jax s / this s)"])
   for name, seconds in results.items():
-    print(f"{name:>20}: {seconds * 1e3:8.1f} ms/step  {args.batch / seconds:7.1f} img/s  "
-          f"jax step time / this = {results['jax'] / seconds:.2f}")
+    table.add(name, f"{seconds * 1e3:.1f}", f"{args.batch / seconds:.1f}",
+              f"{results['jax'] / seconds:.2f}")
+  table.finish(
+      args.json, benchmark="U-Net train step: segjax (JAX) against PyTorch",
+      setup=(f"segjax's U-Net (width {args.width}, depth {args.depth}, {args.classes} classes) "
+             "and the same U-Net layer for layer in PyTorch (NCHW, and channels_last), each "
+             "running forward + backward + an SGD-momentum update on a fixed random batch of "
+             f"{args.batch} images of {args.size}x{args.size}, float32, in one process (jax on "
+             f"{jax.devices()[0].platform}, torch on the CPU). Mean step time over {args.steps} "
+             f"steps after {args.warmup} untimed ones (compilation, allocator warm-up); ratio "
+             "above 1: JAX is slower."))
 
 
 if __name__ == "__main__":
