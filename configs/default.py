@@ -26,9 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Rematerialize ResNet backbone blocks in training with this jax checkpoint policy:
   # "" (off), nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable.
   config.model.remat = ""
-  # How convolutions take their filter gradient in training: "auto" (a matmul of image
-  # patches on the CPU, 2-5x faster there than XLA's; XLA's own on GPU/TPU), "im2col", "xla".
-  config.model.conv_filter_gradient = "auto"
+  # Convolutions in training: "auto" rewrites what XLA's CPU backend runs slowly (filter
+  # gradients as patch matmuls, depthwise convs as shifted multiply-adds) on the CPU only;
+  # "patches" on every backend; "xla" never (segjax/layers/conv_lowering.py).
+  config.model.conv_lowering = "auto"
   # An .npz of encoder weights from `python -m segjax.convert` (e.g. ImageNet ResNet-50).
   config.model.init_from = ""
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.layers import conv_grad
+from segjax.layers import conv_lowering
 from segjax.layers.norm import BatchNorm
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -31,9 +31,9 @@ def batch_norm(train: bool, dtype: Any, param_dtype: Any, name: Optional[str] = 
 
 
 class Conv(nn.Conv):
-  """`nn.Conv` (same parameters and outputs) whose filter gradient is a patch matmul on the CPU,
-  where XLA's own is slow (`segjax.layers.conv_grad`)."""
-  conv_general_dilated: Callable = conv_grad.conv_general_dilated
+  """`nn.Conv` (same parameters and outputs), lowered to what runs fast on the CPU
+  (`segjax.layers.conv_lowering`)."""
+  conv_general_dilated: Callable = conv_lowering.conv_general_dilated
 
 
 class ConvBNAct(nn.Module):

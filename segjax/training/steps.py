@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from segjax.inference import predict_at_original_size
-from segjax.layers import conv_grad, norm, remat, resize_bilinear
+from segjax.layers import conv_lowering, norm, remat, resize_bilinear
 from segjax.losses import build_loss
 from segjax.metrics import confusion_matrix
 from segjax.training.train_state import TrainState
@@ -40,11 +40,11 @@ DEFAULT_LOSS = ({"name": "cross_entropy", "weight": 1.0},)
 
 @contextlib.contextmanager
 def _training_context(bn_groups: int, remat_policy: str,
-                      conv_filter_gradient: str) -> Iterator[None]:
+                      conv_lowering_mode: str) -> Iterator[None]:
   """The trace-time settings of a train step's forward pass: BatchNorm groups, remat policy
-  and how convolutions take their filter gradient."""
+  and the convolutions' lowering."""
   with (norm.batch_statistics(bn_groups), remat.rematerialization(remat_policy),
-        conv_grad.filter_gradient(conv_filter_gradient)):
+        conv_lowering.lowering(conv_lowering_mode)):
     yield
 
 
@@ -122,7 +122,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
                ignore_index: int, loss_fn: Optional[Callable] = None,
                class_weights: Optional[Tuple[float, ...]] = None,
                aux_weight: float = 0.4, accumulation_steps: int = 1, bn_groups: int = 1,
-               remat_policy: str = "", conv_filter_gradient: str = "auto"
+               remat_policy: str = "", conv_lowering_mode: str = "auto"
                ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer step on a global batch; returns the new state and scalars.
 
@@ -136,16 +136,16 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   (`accumulate_gradients`, weighted by valid pixels: the large-batch update for a
   per-pixel mean loss such as cross-entropy); `bn_groups` > 1 gives BatchNorm
   per-device statistics (`segjax.layers.norm`); `remat_policy` rematerializes
-  the backbone blocks (`segjax.layers.remat`); `conv_filter_gradient` says how
-  convolutions take their filter gradient (`segjax.layers.conv_grad`: "auto" is
-  a patch matmul on the CPU, XLA's own elsewhere).
+  the backbone blocks (`segjax.layers.remat`); `conv_lowering_mode` says how
+  convolutions are lowered (`segjax.layers.conv_lowering`: "auto" rewrites the
+  ones XLA's CPU backend runs slowly, on the CPU only).
   """
   loss_fn = loss_fn or build_loss(DEFAULT_LOSS)
 
   def objective(params, batch_stats, micro, rng):
     labels = micro["label"].astype(jnp.int32)
     pixel_weights = micro.get("pixel_weights")
-    with _training_context(bn_groups, remat_policy, conv_filter_gradient):
+    with _training_context(bn_groups, remat_policy, conv_lowering_mode):
       outputs, updates = model.apply(
           {"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
           mutable=["batch_stats"], rngs={"dropout": rng})
@@ -206,7 +206,7 @@ def detection_train_step(state: TrainState, batch: Dict[str, jax.Array], rng: ja
                          schedule: optax.Schedule,
                          loss_weights: Optional[Dict[str, float]] = None,
                          accumulation_steps: int = 1, bn_groups: int = 1,
-                         remat_policy: str = "", conv_filter_gradient: str = "auto"
+                         remat_policy: str = "", conv_lowering_mode: str = "auto"
                          ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer step of a two-stage detector (`MaskRCNN`) on a global batch.
 
@@ -214,13 +214,13 @@ def detection_train_step(state: TrainState, batch: Dict[str, jax.Array], rng: ja
   `instance_valid`, optional `is_crowd`, and `masks` or `box_masks`); the loss is
   the weighted sum of the model's losses (weight 1 where `loss_weights` has none).
   With `accumulation_steps` > 1 the micro-batches' losses are averaged with equal
-  weights; `bn_groups`, `remat_policy` and `conv_filter_gradient` as in `train_step`.
+  weights; `bn_groups`, `remat_policy` and `conv_lowering_mode` as in `train_step`.
   """
   loss_weights = dict(loss_weights or {})
 
   def objective(params, batch_stats, micro, rng):
     targets = {k: v for k, v in micro.items() if k != "image"}
-    with _training_context(bn_groups, remat_policy, conv_filter_gradient):
+    with _training_context(bn_groups, remat_policy, conv_lowering_mode):
       losses, updates = model.apply(
           {"params": params, "batch_stats": batch_stats}, micro["image"], targets,
           rng, train=True, mutable=["batch_stats"], method="losses")

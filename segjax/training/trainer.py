@@ -26,7 +26,7 @@ from segjax import visualization
 from segjax.data import pipeline
 from segjax.data.sources import DatasetSpec, get_dataset
 from segjax.inference import instances, panoptic_eval, per_image
-from segjax.layers import conv_grad, remat
+from segjax.layers import conv_lowering, remat
 from segjax.losses import build_loss
 from segjax.metrics import format_iou_table, segmentation_metrics
 from segjax.metrics.coco import format_coco_table
@@ -205,12 +205,12 @@ def evaluate(state, eval_fn, dataset: DatasetSpec, config, batch_sharding, repli
 
 def step_options(config: ml_collections.ConfigDict, mesh) -> Dict[str, Any]:
   """The train step's keyword arguments for accumulation, BatchNorm, remat and the
-  convolutions' filter gradient."""
+  convolutions' lowering."""
   if config.model.batch_norm not in ("sync", "per_device"):
     raise ValueError(f"Unknown model.batch_norm {config.model.batch_norm!r}; use sync or "
                      "per_device.")
   remat.check_policy(config.model.remat)
-  conv_grad.check_mode(config.model.conv_filter_gradient)
+  conv_lowering.check_mode(config.model.conv_lowering)
   micro = config.optimizer.accumulation_steps
   devices = int(np.prod([mesh.shape[a] for a in config.mesh.batch_axes]))
   if micro < 1 or config.data.batch_size % (micro * devices):
@@ -219,7 +219,7 @@ def step_options(config: ml_collections.ConfigDict, mesh) -> Dict[str, Any]:
                      "batch axes, so every micro-batch spreads evenly over the devices.")
   return {"accumulation_steps": micro, "remat_policy": config.model.remat,
           "bn_groups": devices if config.model.batch_norm == "per_device" else 1,
-          "conv_filter_gradient": config.model.conv_filter_gradient}
+          "conv_lowering_mode": config.model.conv_lowering}
 
 
 class Profiler:

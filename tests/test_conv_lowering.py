@@ -1,4 +1,4 @@
-"""segjax.layers.conv_grad: the patch-matmul filter gradient equals XLA's convolution gradient."""
+"""segjax.layers.conv_lowering: the CPU rewrites of convolutions equal XLA's convolutions."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from segjax.layers import Conv, conv_grad
+from segjax.layers import Conv, conv_lowering
 from segjax.models import build_model
 from segjax.training import steps
 
@@ -38,13 +38,40 @@ def test_gradients_equal_xla(case, per_tap, monkeypatch):
   x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
   if per_tap:  # patches over the budget: one matmul per kernel tap
-    monkeypatch.setattr(conv_grad, "PATCH_BYTES", 0)
+    monkeypatch.setattr(conv_lowering, "PATCH_BYTES", 0)
   expected = _gradients(lax.conv_general_dilated, x, w, stride, dilation, padding)
-  with conv_grad.filter_gradient("im2col"):
-    actual = _gradients(conv_grad.conv_general_dilated, x, w, stride, dilation, padding)
+  with conv_lowering.lowering("patches"):
+    actual = _gradients(conv_lowering.conv_general_dilated, x, w, stride, dilation, padding)
   np.testing.assert_array_equal(actual[0], expected[0])  # the input gradient is XLA's own
   np.testing.assert_allclose(actual[1], expected[1], rtol=1e-5, atol=1e-5 * np.abs(
       expected[1]).max())
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_depthwise_convolution_and_gradients_equal_xla(case):
+  x_shape, w_shape, stride, dilation, padding = case
+  channels = x_shape[-1]
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=w_shape[:2] + (1, channels)), jnp.float32)
+
+  def conv(implementation):
+    return lambda x, w: implementation(x, w, (stride, stride), padding,
+                                       rhs_dilation=(dilation, dilation),
+                                       dimension_numbers=NHWC, feature_group_count=channels)
+
+  expected = conv(lax.conv_general_dilated)(x, w)
+  expected_grads = _gradients(lambda x, w, *a, **k: conv(lax.conv_general_dilated)(x, w),
+                              x, w, stride, dilation, padding)
+  with conv_lowering.lowering("patches"):
+    actual = jax.jit(conv(conv_lowering.conv_general_dilated))(x, w)
+    jaxpr = str(jax.make_jaxpr(conv(conv_lowering.conv_general_dilated))(x, w))
+    grads = _gradients(lambda x, w, *a, **k: conv(conv_lowering.conv_general_dilated)(x, w),
+                       x, w, stride, dilation, padding)
+  assert "conv_general_dilated" not in jaxpr  # shifted multiply-adds
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+  for a, e in zip(grads, expected_grads):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
 
 
 def _has_custom_vjp(mode, feature_group_count=1):
@@ -52,18 +79,18 @@ def _has_custom_vjp(mode, feature_group_count=1):
   x = jnp.ones((1, 8, 8, 4))
   variables = conv.init(jax.random.key(0), x)
   loss = lambda v: jnp.sum(conv.apply(v, x))
-  with conv_grad.filter_gradient(mode):
+  with conv_lowering.lowering(mode):
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables))
   return "custom_vjp" in jaxpr
 
 
 def test_mode_chooses_the_gradient():
   assert jax.default_backend() == "cpu"
-  assert _has_custom_vjp("auto") and _has_custom_vjp("im2col")
+  assert _has_custom_vjp("auto") and _has_custom_vjp("patches")
   assert not _has_custom_vjp("xla")
-  assert not _has_custom_vjp("im2col", feature_group_count=4)  # grouped: XLA's own
-  with pytest.raises(ValueError, match="conv_filter_gradient"):
-    with conv_grad.filter_gradient("fast"):
+  assert not _has_custom_vjp("patches", feature_group_count=2)  # grouped: XLA's own
+  with pytest.raises(ValueError, match="conv_lowering"):
+    with conv_lowering.lowering("fast"):
       pass
 
 
@@ -80,15 +107,16 @@ def test_bfloat16_filter_gradient_keeps_the_kernel_dtype():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4), jnp.bfloat16)
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6), jnp.bfloat16)
   expected = _gradients(lax.conv_general_dilated, x, w, 1, 1, "SAME")
-  with conv_grad.filter_gradient("im2col"):
-    actual = _gradients(conv_grad.conv_general_dilated, x, w, 1, 1, "SAME")
+  with conv_lowering.lowering("patches"):
+    actual = _gradients(conv_lowering.conv_general_dilated, x, w, 1, 1, "SAME")
   assert actual[1].dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(actual[1], np.float32),
                              np.asarray(expected[1], np.float32), rtol=0.05, atol=0.5)
 
 
 def test_train_step_updates_match_xla_gradients():
-  """A whole train step (ResNet, ASPP, decoder) moves the parameters as XLA's gradients do."""
+  """A whole train step (ResNet, ASPP, separable decoder convs) moves the parameters as XLA's
+  convolutions do."""
   import optax
 
   from segjax.training.train_state import TrainState
@@ -100,12 +128,12 @@ def test_train_step_updates_match_xla_gradients():
                          train=True)
   tx = optax.sgd(0.1)
   results = {}
-  for mode in ("xla", "im2col"):
+  for mode in ("xla", "patches"):
     state = TrainState.create(variables["params"], variables["batch_stats"], tx)
     new_state, metrics = jax.jit(lambda s: steps.train_step(
         s, {"image": images, "label": labels}, jax.random.key(4), model=model, tx=tx,
-        schedule=lambda _: 0.1, ignore_index=255, conv_filter_gradient=mode))(state)
+        schedule=lambda _: 0.1, ignore_index=255, conv_lowering_mode=mode))(state)
     results[mode] = (new_state.params, float(metrics["loss"]))
-  assert results["xla"][1] == results["im2col"][1]
-  for a, b in zip(jax.tree.leaves(results["xla"][0]), jax.tree.leaves(results["im2col"][0])):
+  assert np.isclose(results["xla"][1], results["patches"][1], rtol=1e-6)  # depthwise rounding
+  for a, b in zip(jax.tree.leaves(results["xla"][0]), jax.tree.leaves(results["patches"][0])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
