@@ -17,6 +17,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = cli.load_config()
+  cli.add_xla_flags(config.xla_flags)
   cli.use_compilation_cache(config.compilation_cache_dir, _WORKDIR.value)
 
   def train():

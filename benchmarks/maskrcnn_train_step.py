@@ -130,6 +130,7 @@ def bench_segjax(args, data):
   losses (last step), XLA's buffer bytes of the compiled step, peak_rss_gb and versions."""
   import functools
 
+  report.use_train_defaults()
   import jax
   import jax.numpy as jnp
   import optax

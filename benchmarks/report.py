@@ -117,3 +117,13 @@ def machine() -> Dict[str, object]:
     except importlib.metadata.PackageNotFoundError:
       info[name] = None
   return info
+
+
+def use_train_defaults() -> str:
+  """Adds configs/default.py's `xla_flags` to $XLA_FLAGS, as train.py does, so that a benchmark
+  measures segjax as users train it; call before JAX starts. Returns the resulting XLA_FLAGS."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import default
+  from segjax import cli
+  cli.add_xla_flags(default.get_config().xla_flags)
+  return os.environ["XLA_FLAGS"]

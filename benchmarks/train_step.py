@@ -14,7 +14,7 @@ batch: forward in training mode (BatchNorm batch statistics, dropout), pixel-mea
 
 Each implementation runs in a fresh child process, so its peak RSS (`ru_maxrss`, the whole
 process: runtime, compiler, model, activations) is its own, and each row can have its own
-XLA_FLAGS. segjax's step is jitted with the state donated; its compile time (lower + compile) is
+XLA_FLAGS; segjax's main rows use train.py's defaults (configs/default.py's `xla_flags`). segjax's step is jitted with the state donated; its compile time (lower + compile) is
 reported apart, and XLA's own buffer estimate (arguments + outputs + temporaries) beside the
 RSS. Times are the median of --repeats steps after --warmup untimed ones. PyTorch uses as many
 threads as there are CPUs, eager NCHW (its default) and channels_last.
@@ -39,20 +39,25 @@ REPO = os.path.dirname(BENCHMARKS)
 NUM_CLASSES = 21
 MODEL_OPTIONS = {"unet": {"width": 64, "depth": 4}, "fcn8s": {}, "pspnet": {},
                  "deeplabv3plus": {}}
-# The options tried on this CPU: (label, XLA_FLAGS, child arguments).
+# The options tried on this CPU: (label, XLA_FLAGS, child arguments). The main table runs
+# segjax as train.py does: configs/default.py's xla_flags and model.conv_lowering "auto".
+sys.path.insert(0, REPO)
+from configs import default as _default  # noqa: E402
+
+DEFAULT_FLAGS = _default.get_config().xla_flags
 ONEDNN = "--xla_cpu_use_onednn=true"
 OPTIONS = (
-    ("XLA's own convolutions (model.conv_lowering=xla; segjax before 2026-11-22)", "",
-     ["--conv-lowering", "xla"]),
-    ("XLA's own convolutions + " + ONEDNN, ONEDNN, ["--conv-lowering", "xla"]),
-    ("default + " + ONEDNN, ONEDNN, []),
-    ("default + --xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
-     "(Eigen convolutions)", "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
-     []),
+    ("segjax before 2026-11-22: XLA's own convolutions (model.conv_lowering=xla), no XLA flags "
+     "(YNNPACK convolutions)", "", ["--conv-lowering", "xla"]),
+    ("model.conv_lowering=auto, no XLA flags (YNNPACK convolutions)", "", []),
+    ("XLA's own convolutions (model.conv_lowering=xla) with the default XLA flags",
+     DEFAULT_FLAGS, ["--conv-lowering", "xla"]),
+    ("default + " + ONEDNN, f"{DEFAULT_FLAGS} {ONEDNN}", []),
     ("default + --xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
-     "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce", []),
-    ("default + --xla_cpu_enable_fast_math=true", "--xla_cpu_enable_fast_math=true", []),
-    ("default, bfloat16 compute (model.dtype; float32 parameters)", "",
+     f"{DEFAULT_FLAGS} --xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce", []),
+    ("default + --xla_cpu_enable_fast_math=true",
+     f"{DEFAULT_FLAGS} --xla_cpu_enable_fast_math=true", []),
+    ("default, bfloat16 compute (model.dtype; float32 parameters)", DEFAULT_FLAGS,
      ["--dtype", "bfloat16"]),
 )
 
@@ -122,7 +127,8 @@ def child_segjax(args):
   params = sum(x.size for x in jax.tree.leaves(variables["params"]))
   return {"times": times, "compile_s": compile_s, "xla_gb": xla_gb, "rss_gb": peak_rss_gb(),
           "loss": holder["loss"], "params": params,
-          "versions": f"jax {jax.__version__} on {jax.devices()[0].platform}"}
+          "versions": f"jax {jax.__version__} on {jax.devices()[0].platform}",
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def child_torch(args):
@@ -167,10 +173,10 @@ def child_torch(args):
           "versions": f"torch {torch.__version__} ({torch.get_num_threads()} threads)"}
 
 
-def run_child(side, model, args, xla_flags="", extra=()):
-  """Runs one measurement in a fresh process; returns its result dict (or {"error": ...})."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla_flags) if f)
+def run_child(side, model, args, xla_flags=DEFAULT_FLAGS, extra=()):
+  """Runs one measurement in a fresh process with these XLA_FLAGS; returns its result dict (or
+  {"error": ...})."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags)
   with tempfile.NamedTemporaryFile(suffix=".json") as out:
     command = [sys.executable, os.path.abspath(__file__), "--child", side, "--models", model,
                "--size", str(args.size), "--batch", str(args.batch), "--repeats",
@@ -292,7 +298,9 @@ def main():
     setup = (f"Train step (forward, cross-entropy + 0.4 aux, backward, SGD momentum) at batch "
              f"{args.batch} x {args.size}x{args.size}, {NUM_CLASSES} classes, float32; median "
              f"of {args.repeats} steps after {args.warmup} untimed. Every implementation runs in "
-             "its own process (peak RSS is that process's). References: the same networks in "
+             "its own process (peak RSS is that process's); segjax runs as train.py does, with "
+             f"XLA_FLAGS={DEFAULT_FLAGS} (configs/default.py) and model.conv_lowering auto. "
+             "References: the same networks in "
              "PyTorch (benchmarks/torch_models.py, unet_train_step.TorchUNet), eager. "
              + "; ".join(versions) + ".")
     tables = [{"benchmark": "train_step", "setup": setup, "columns": COLUMNS, "rows": rows,
@@ -301,9 +309,10 @@ def main():
       tables.append({"benchmark": "train_step_options",
                      "setup": "Each CPU option tried, a segjax PSPNet or DeepLabV3+ row under "
                               "the same shapes; the ratio is against the PyTorch eager step "
-                              "of the table above. 'default' is segjax's default (model.conv_lowering "
-                              "auto: patch-matmul filter gradients and shifted multiply-add "
-                              "depthwise convolutions on the CPU; no XLA flags).",
+                              "of the table above. 'default' is segjax as train.py runs it: "
+                              "model.conv_lowering auto (matmul filter gradients of 1x1 "
+                              f"convolutions, shifted multiply-add depthwise convolutions) and "
+                              f"XLA_FLAGS={DEFAULT_FLAGS} (configs/default.py's xla_flags).",
                      "columns": OPTION_COLUMNS, "rows": options_rows, "notes": []})
     with open(args.json, "w") as f:
       json.dump(tables, f, indent=1)

@@ -107,11 +107,13 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   report.add_json_argument(parser)
   args = parser.parse_args()
+  xla_flags = report.use_train_defaults()
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, args.size, args.size, 3)).astype(np.float32)
   labels = rng.integers(0, args.classes, (args.batch, args.size, args.size)).astype(np.int32)
   print(f"U-Net width {args.width} depth {args.depth}, batch {args.batch} x {args.size}^2, "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+        f"jax {jax.__version__} on {jax.devices()[0].platform} (XLA_FLAGS={xla_flags!r}), "
+        f"torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)")
   results = {"jax": bench_jax(args, images, labels),
              "torch": bench_torch(args, images, labels, channels_last=False),

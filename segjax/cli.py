@@ -59,6 +59,17 @@ def load_config():
   return config
 
 
+def add_xla_flags(flags_text: str) -> None:
+  """Appends `flags_text` (config.xla_flags) to $XLA_FLAGS, leaving out any flag the
+  environment sets already; call it before JAX starts its backends."""
+  import os
+  current = os.environ.get("XLA_FLAGS", "")
+  names = {flag.split("=", 1)[0] for flag in current.split()}
+  added = [flag for flag in flags_text.split() if flag.split("=", 1)[0] not in names]
+  if added:
+    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+
+
 def use_compilation_cache(setting: str, workdir: str) -> None:
   """Points JAX's persistent compilation cache at `setting` ("" = <workdir>/compilation_cache,
   "off" = no cache), unless $JAX_COMPILATION_CACHE_DIR chooses already: a resumed or restarted

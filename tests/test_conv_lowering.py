@@ -17,9 +17,14 @@ CASES = [
     ((2, 10, 13, 4), (3, 3, 4, 6), 2, 1, ((1, 1), (1, 1))),
     ((1, 12, 12, 3), (3, 3, 3, 4), 1, 2, ((2, 2), (2, 2))),
     ((2, 15, 15, 3), (7, 7, 3, 8), 2, 1, ((3, 3), (3, 3))),
-    ((2, 8, 8, 5), (1, 1, 5, 7), 1, 1, "VALID"),
     ((1, 9, 9, 2), (3, 3, 2, 3), 2, 3, "SAME"),
     ((1, 9, 10, 2), (2, 2, 2, 3), 2, 1, ((0, 1), (1, 0))),
+]
+POINTWISE = [
+    ((2, 8, 8, 5), (1, 1, 5, 7), 1, 1, "VALID"),
+    ((2, 9, 11, 4), (1, 1, 4, 6), 2, 1, "VALID"),  # a ResNet downsample
+    ((2, 9, 11, 4), (1, 1, 4, 6), 2, 1, "SAME"),
+    ((1, 7, 6, 3), (1, 1, 3, 2), 1, 1, ((1, 0), (2, 1))),
 ]
 
 
@@ -30,15 +35,13 @@ def _gradients(conv, x, w, stride, dilation, padding):
   return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
 
 
-@pytest.mark.parametrize("per_tap", [False, True])
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_gradients_equal_xla(case, per_tap, monkeypatch):
+@pytest.mark.parametrize("case", POINTWISE + CASES, ids=str)
+def test_gradients_equal_xla(case):
+  """1x1 kernels take the matmul filter gradient; larger ones are XLA's convolution as is."""
   x_shape, w_shape, stride, dilation, padding = case
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
-  if per_tap:  # patches over the budget: one matmul per kernel tap
-    monkeypatch.setattr(conv_lowering, "PATCH_BYTES", 0)
   expected = _gradients(lax.conv_general_dilated, x, w, stride, dilation, padding)
   with conv_lowering.lowering("patches"):
     actual = _gradients(conv_lowering.conv_general_dilated, x, w, stride, dilation, padding)
@@ -47,7 +50,7 @@ def test_gradients_equal_xla(case, per_tap, monkeypatch):
       expected[1]).max())
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", POINTWISE[:1] + CASES, ids=str)
 def test_depthwise_convolution_and_gradients_equal_xla(case):
   x_shape, w_shape, stride, dilation, padding = case
   channels = x_shape[-1]
@@ -74,8 +77,8 @@ def test_depthwise_convolution_and_gradients_equal_xla(case):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
 
 
-def _has_custom_vjp(mode, feature_group_count=1):
-  conv = Conv(4, (3, 3), feature_group_count=feature_group_count)
+def _has_custom_vjp(mode, feature_group_count=1, kernel=(1, 1)):
+  conv = Conv(4, kernel, feature_group_count=feature_group_count)
   x = jnp.ones((1, 8, 8, 4))
   variables = conv.init(jax.random.key(0), x)
   loss = lambda v: jnp.sum(conv.apply(v, x))
@@ -89,6 +92,7 @@ def test_mode_chooses_the_gradient():
   assert _has_custom_vjp("auto") and _has_custom_vjp("patches")
   assert not _has_custom_vjp("xla")
   assert not _has_custom_vjp("patches", feature_group_count=2)  # grouped: XLA's own
+  assert not _has_custom_vjp("patches", kernel=(3, 3))  # XLA's own filter gradient
   with pytest.raises(ValueError, match="conv_lowering"):
     with conv_lowering.lowering("fast"):
       pass
@@ -105,7 +109,7 @@ def test_conv_is_nn_conv_with_the_same_parameters_and_outputs():
 
 def test_bfloat16_filter_gradient_keeps_the_kernel_dtype():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4), jnp.bfloat16)
-  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (1, 1, 4, 6), jnp.bfloat16)
   expected = _gradients(lax.conv_general_dilated, x, w, 1, 1, "SAME")
   with conv_lowering.lowering("patches"):
     actual = _gradients(conv_lowering.conv_general_dilated, x, w, 1, 1, "SAME")

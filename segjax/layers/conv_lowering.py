@@ -1,12 +1,13 @@
 """Convolutions lowered to what XLA's CPU backend runs fast.
 
-Two convolution cases are slow on XLA's CPU backend, and both dominate train
-steps there:
-- a convolution's filter gradient takes 3-5x the forward convolution's time.
-  The same gradient is one matrix product, the [M, kh*kw*C] patches of the
-  input (im2col) against the [M, O] output gradient (M = batch x output pixels),
-  which runs at forward-convolution speed. The forward pass and the input
-  gradient stay XLA's own.
+Two convolution cases are slow on XLA's CPU backend and weigh on train steps:
+- a 1x1 convolution's filter gradient takes 2-2.5x (Eigen kernels) to 4x
+  (YNNPACK) the forward convolution's time, yet it is one matrix product: the
+  [M, C] input against the [M, O] output gradient (M = batch x output pixels).
+  The forward pass and the input gradient stay XLA's own. (For larger kernels
+  the same product needs the input's kh*kw shifted copies, and with the Eigen
+  kernels train.py selects, XLA's own gradient is faster: measured, see
+  benchmarks/RESULTS.md.)
 - a depthwise convolution (one filter per channel) runs ~30x slower than its
   arithmetic needs, and its gradients ~15x. As kh*kw shifted multiply-adds it is
   elementwise work that XLA fuses, forward and backward.
@@ -16,9 +17,7 @@ Results equal XLA's up to float summation order.
 `nn.Conv(conv_general_dilated=...)` takes it (`segjax.layers.Conv` does). The
 rewrites apply to NHWC/HWIO convolutions without input dilation, when
 `lowering(mode)` says so at trace time: "auto" (the default) on the CPU backend
-only, "patches" always, "xla" never. Patches larger than `PATCH_BYTES` are not
-materialised: each kernel tap is its own matmul instead, which needs no more
-memory than the input.
+only, "patches" always, "xla" never.
 """
 import contextlib
 import contextvars
@@ -30,7 +29,6 @@ import jax.numpy as jnp
 from jax import lax
 
 MODES = ("auto", "patches", "xla")
-PATCH_BYTES = 256 * 2**20
 _NHWC = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 _MODE = contextvars.ContextVar("segjax_conv_lowering", default="auto")
 
@@ -81,19 +79,13 @@ def _taps(x, kernel_hw, out_hw, strides, padding, dilation):
   return views
 
 
-def _patch_filter_gradient(x, g, kernel_shape, strides, padding, dilation, dtype):
-  """d(loss)/d(kernel) [kh, kw, C, O] from the NHWC input `x` and output gradient `g`."""
-  kh, kw, channels, features = kernel_shape
+def _matmul_filter_gradient(x, g, kernel_shape, strides, padding, dtype):
+  """d(loss)/d(kernel) [1, 1, C, O] of a 1x1 convolution from its NHWC input `x` and output
+  gradient `g`: the input pixels the kernel saw, as rows, against `g`'s rows."""
+  (seen,) = _taps(x, (1, 1), g.shape[1:3], strides, padding, (1, 1))
   rows = g.shape[0] * g.shape[1] * g.shape[2]
-  taps = _taps(x, (kh, kw), g.shape[1:3], strides, padding, dilation)
-  g = g.reshape(rows, features)
-  matmul = functools.partial(lax.dot_general, dimension_numbers=(((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-  if rows * kh * kw * channels * x.dtype.itemsize <= PATCH_BYTES:
-    patches = jnp.concatenate(taps, axis=-1).reshape(rows, kh * kw * channels)
-    grad = matmul(patches, g)
-  else:
-    grad = jnp.stack([matmul(t.reshape(rows, channels), g) for t in taps])
+  grad = lax.dot_general(seen.reshape(rows, kernel_shape[2]), g.reshape(rows, kernel_shape[3]),
+                         (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return grad.reshape(kernel_shape).astype(dtype)
 
 
@@ -115,8 +107,8 @@ def _conv_bwd(strides, padding, dilation, precision, preferred, residuals, g):
                                          dimension_numbers=_NHWC, precision=precision,
                                          preferred_element_type=preferred), lhs)
   (lhs_grad,) = input_vjp(g)
-  rhs_grad = _patch_filter_gradient(lhs, g.astype(lhs.dtype), rhs.shape, strides, padding,
-                                    dilation, rhs.dtype)
+  rhs_grad = _matmul_filter_gradient(lhs, g.astype(lhs.dtype), rhs.shape, strides, padding,
+                                     rhs.dtype)
   return lhs_grad, rhs_grad
 
 
@@ -146,12 +138,13 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   strides = tuple(window_strides)
   dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
   channels = lhs.shape[-1]
-  dense = feature_group_count == 1
-  depthwise = (feature_group_count == channels and rhs.shape[2:] == (1, channels))
-  if (lhs.ndim == 4 and numbers == _NHWC and batch_group_count == 1 and (dense or depthwise)
-      and all(d == 1 for d in (lhs_dilation or ())) and _rewrites_apply()):
+  pointwise = feature_group_count == 1 and rhs.shape[:2] == (1, 1)
+  depthwise = (feature_group_count == channels > 1 and rhs.shape[2:] == (1, channels))
+  if (lhs.ndim == 4 and numbers == _NHWC and batch_group_count == 1
+      and (pointwise or depthwise) and all(d == 1 for d in (lhs_dilation or ()))
+      and _rewrites_apply()):
     pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides, dilation)
-    if depthwise and not dense:
+    if depthwise:
       return _depthwise(lhs, rhs, strides, pads, dilation, preferred_element_type)
     return _conv(lhs, rhs, strides, pads, dilation, precision, preferred_element_type)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
