@@ -15,8 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   # loads its compiled steps), "off", or a directory shared between runs.
   config.compilation_cache_dir = ""
   # XLA flags train.py adds to $XLA_FLAGS (which wins for any flag it sets). The default runs
-  # convolutions on XLA's Eigen kernels instead of YNNPACK on the CPU: PSPNet-R50 and
-  # DeepLabV3+-R50 train steps measured 1.13-1.19x faster that way (benchmarks/RESULTS.md).
+  # convolutions on XLA's Eigen kernels instead of YNNPACK on the CPU: with conv_lowering
+  # "auto", PSPNet-R50 and DeepLabV3+-R50 train steps measured 1.7x and 1.24x faster that way
+  # (benchmarks/RESULTS.md).
   config.xla_flags = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
   config.model = ml_collections.ConfigDict()
