@@ -51,7 +51,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -98,23 +97,6 @@ def cpu_name():
   except OSError:
     names = []
   return names[0] if names else platform.processor() or platform.machine()
-
-
-def time_steps(step, repeats, warmup):
-  """Seconds of each of `repeats` calls of `step` after `warmup` untimed ones."""
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return times
-
-
-def peak_rss_gb():
-  """This process's peak resident set size so far, GB (ru_maxrss is KiB on Linux)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def finite_losses(side, losses):
@@ -173,7 +155,7 @@ def bench_segjax(args, data):
   def step():
     holder["state"], metrics = compiled(holder["state"], arrays, key)
     holder["metrics"] = jax.block_until_ready(metrics)
-  times = time_steps(step, args.repeats, args.warmup)
+  times = report.time_steps(step, args.repeats, args.warmup)
   losses = finite_losses("segjax", {k[len("loss_"):]: float(v)
                                     for k, v in holder["metrics"].items()
                                     if k.startswith("loss_")})
@@ -182,7 +164,7 @@ def bench_segjax(args, data):
                         "arguments": memory.argument_size_in_bytes,
                         "outputs": memory.output_size_in_bytes,
                         "aliased": memory.alias_size_in_bytes},
-          "peak_rss_gb": peak_rss_gb(),
+          "peak_rss_gb": report.peak_rss_gb(),
           "versions": (f"jax {jax.__version__} on {jax.devices()[0].platform} (segjax dtype "
                        f"{args.dtype}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")}
 
@@ -226,11 +208,11 @@ def bench_torch(args, data):
         torch.nn.utils.clip_grad_norm_(trainable, args.clip_norm)
       optimizer.step()
       holder["losses"] = losses
-    times = time_steps(step, args.repeats, args.warmup)
+    times = report.time_steps(step, args.repeats, args.warmup)
     version = torchvision.__version__
   losses = finite_losses("torchvision", {k[len("loss_"):]: float(v.detach())
                                          for k, v in holder["losses"].items()})
-  return {"times": times, "losses": losses, "peak_rss_gb": peak_rss_gb(),
+  return {"times": times, "losses": losses, "peak_rss_gb": report.peak_rss_gb(),
           "versions": (f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
                        f"torchvision {version} float32")}
 

@@ -9,7 +9,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import sys
+import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 _PACKAGES = ("jax", "jaxlib", "torch", "torchvision")
@@ -127,3 +129,20 @@ def use_train_defaults() -> str:
   from segjax import cli
   cli.add_xla_flags(default.get_config().xla_flags)
   return os.environ["XLA_FLAGS"]
+
+
+def time_steps(step, repeats: int, warmup: int) -> List[float]:
+  """Seconds of each of `repeats` calls of `step` after `warmup` untimed ones."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def peak_rss_gb() -> float:
+  """This process's peak resident set size so far, GB (ru_maxrss is KiB on Linux)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,9 @@ MODEL_OPTIONS = {"unet": {"width": 64, "depth": 4}, "fcn8s": {}, "pspnet": {},
 # segjax as train.py does: configs/default.py's xla_flags and model.conv_lowering "auto".
 sys.path.insert(0, REPO)
 from configs import default as _default  # noqa: E402
+
+sys.path.insert(0, BENCHMARKS)
+import report  # noqa: E402
 
 DEFAULT_FLAGS = _default.get_config().xla_flags
 ONEDNN = "--xla_cpu_use_onednn=true"
@@ -60,21 +62,6 @@ OPTIONS = (
     ("default, bfloat16 compute (model.dtype; float32 parameters)", DEFAULT_FLAGS,
      ["--dtype", "bfloat16"]),
 )
-
-
-def peak_rss_gb():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def time_steps(step, repeats, warmup):
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return times
 
 
 def batch(size, count, seed=0):
@@ -123,9 +110,9 @@ def child_segjax(args):
     holder["state"], metrics = compiled(holder["state"], arrays, jax.random.key(2))
     holder["loss"] = float(metrics["loss"])
 
-  times = time_steps(step, args.repeats, args.warmup)
+  times = report.time_steps(step, args.repeats, args.warmup)
   params = sum(x.size for x in jax.tree.leaves(variables["params"]))
-  return {"times": times, "compile_s": compile_s, "xla_gb": xla_gb, "rss_gb": peak_rss_gb(),
+  return {"times": times, "compile_s": compile_s, "xla_gb": xla_gb, "rss_gb": report.peak_rss_gb(),
           "loss": holder["loss"], "params": params,
           "versions": f"jax {jax.__version__} on {jax.devices()[0].platform}",
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -167,8 +154,8 @@ def child_torch(args):
     optimizer.step()
     holder["loss"] = float(loss.detach())
 
-  times = time_steps(step, args.repeats, args.warmup)
-  return {"times": times, "rss_gb": peak_rss_gb(), "loss": holder["loss"],
+  times = report.time_steps(step, args.repeats, args.warmup)
+  return {"times": times, "rss_gb": report.peak_rss_gb(), "loss": holder["loss"],
           "params": sum(p.numel() for p in model.parameters()),
           "versions": f"torch {torch.__version__} ({torch.get_num_threads()} threads)"}
 
