@@ -31,8 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Rematerialize ResNet backbone blocks in training with this jax checkpoint policy:
   # "" (off), nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable.
   config.model.remat = ""
-  # Convolutions in training: "auto" rewrites what XLA's CPU backend runs slowly (filter
-  # gradients as patch matmuls, depthwise convs as shifted multiply-adds) on the CPU only;
+  # Convolutions in training: "auto" rewrites what XLA's CPU backend runs slowly (1x1 filter
+  # gradients as matmuls, depthwise convs as shifted multiply-adds) on the CPU only;
   # "patches" on every backend; "xla" never (segjax/layers/conv_lowering.py).
   config.model.conv_lowering = "auto"
   # An .npz of encoder weights from `python -m segjax.convert` (e.g. ImageNet ResNet-50).

@@ -1,13 +1,13 @@
 """Convolutions lowered to what XLA's CPU backend runs fast.
 
 Two convolution cases are slow on XLA's CPU backend and weigh on train steps:
-- a 1x1 convolution's filter gradient takes 2-2.5x (Eigen kernels) to 4x
+- a 1x1 convolution's filter gradient takes 1.8-2.4x (Eigen kernels) to 4x
   (YNNPACK) the forward convolution's time, yet it is one matrix product: the
   [M, C] input against the [M, O] output gradient (M = batch x output pixels).
   The forward pass and the input gradient stay XLA's own. (For larger kernels
   the same product needs the input's kh*kw shifted copies, and with the Eigen
-  kernels train.py selects, XLA's own gradient is faster: measured, see
-  benchmarks/RESULTS.md.)
+  kernels train.py selects, XLA's own gradient is faster: measured per layer
+  on the project's 2-core CPU.)
 - a depthwise convolution (one filter per channel) runs ~30x slower than its
   arithmetic needs, and its gradients ~15x. As kh*kw shifted multiply-adds it is
   elementwise work that XLA fuses, forward and backward.
