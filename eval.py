@@ -7,9 +7,11 @@
 
   python eval.py --config configs/maskrcnn_shapes.py --checkpoint runs/maskrcnn_shapes
 
-Prints the per-class table (COCO box and mask AP for Mask R-CNN, computed by
-pycocotools) and writes every metric as JSON (--output, default
-<checkpoint>/eval_<split>.json for a workdir).
+Prints the model's task's table (per-class IoU for semantic models, COCO box and
+mask AP by pycocotools for instance models, PQ for panoptic ones) and writes
+every metric as JSON (--output, default <checkpoint>/eval_<split>.json for a
+workdir). --checkpoint may also be a peer's weights file (.pth, .safetensors)
+or a converted .npz for the config's architecture.
 """
 import os
 
@@ -18,7 +20,8 @@ from absl import app, flags
 from segjax import cli
 
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Training workdir (its latest checkpoint), or one step's folder.")
+    "checkpoint", None, "Training workdir (its latest checkpoint), one step's folder, or a "
+    "weights file (.pth, .safetensors, .npz) for the config's architecture.")
 _OUTPUT = flags.DEFINE_string("output", "", "Metrics JSON path.")
 _CRF = flags.DEFINE_bool("crf", False, "Refine predictions with the dense CRF "
                          "(config.inference.crf; whole or slide mode).")
@@ -33,25 +36,15 @@ def main(argv):
     config.inference.crf.enabled = True
 
   def evaluate():
-    from segjax.data.sources import get_dataset
-    from segjax.inference.commands import evaluate_checkpoint
-    from segjax.metrics import format_iou_table
-    from segjax.metrics.coco import IOU_TYPES, format_coco_table
-    from segjax.metrics.panoptic import format_pq_table
+    from segjax.commands.evaluate import evaluate_checkpoint
+    checkpoint = _CHECKPOINT.value
     output = _OUTPUT.value or os.path.join(
-        _CHECKPOINT.value if os.path.isdir(os.path.join(_CHECKPOINT.value, "checkpoints"))
-        else os.path.dirname(os.path.abspath(_CHECKPOINT.value)),
+        checkpoint if os.path.isdir(os.path.join(checkpoint, "checkpoints"))
+        else os.path.dirname(os.path.abspath(checkpoint)),
         f"eval_{config.data.eval_split.split('[')[0]}.json")
-    metrics = evaluate_checkpoint(config, _CHECKPOINT.value, output)
+    metrics, table = evaluate_checkpoint(config, checkpoint, output)
     print(f"step {metrics['step']}, {metrics['split']}, inference {metrics['mode']}:")
-    if "pq" in metrics:  # a panoptic model: PQ as panopticapi's pq_compute
-      print(format_pq_table(metrics["pq"], metrics["categories"]))
-    elif "bbox" in metrics:  # an instance model: COCO AP through pycocotools
-      print(format_coco_table({k: v for k, v in metrics.items() if k in IOU_TYPES}))
-    else:
-      names = get_dataset(config.data.name, config.data.data_dir,
-                          config.data.manual_dir).class_names
-      print(format_iou_table(metrics, names))
+    print(table)
     print(f"metrics written to {output}")
   cli.run(evaluate)
 

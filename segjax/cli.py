@@ -59,6 +59,13 @@ def load_config():
   return config
 
 
+def load_optional_config():
+  """The --config value, or None when the command was given none."""
+  if flags.FLAGS["config"].value is None and not flags.FLAGS["config"].present:
+    return None
+  return load_config()
+
+
 def add_xla_flags(flags_text: str) -> None:
   """Appends `flags_text` (config.xla_flags) to $XLA_FLAGS, leaving out any flag the
   environment sets already; call it before JAX starts its backends."""

@@ -2,6 +2,7 @@
 prediction panels and drawn instance detections."""
 import colorsys
 import functools
+import os
 from typing import Optional, Sequence
 
 import cv2
@@ -70,6 +71,14 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, ignore_i
 
 def save_png(path: str, array: np.ndarray) -> None:
   Image.fromarray(array).save(path)
+
+
+def save_step_panel(directory: str, step: int, image: Optional[np.ndarray]) -> None:
+  """Saves an evaluation's prediction panel (if any) as
+  <directory>/predictions/step_<step>.png."""
+  if image is not None:
+    os.makedirs(os.path.join(directory, "predictions"), exist_ok=True)
+    save_png(os.path.join(directory, "predictions", f"step_{step:07d}.png"), image)
 
 
 def _check_shape(array: np.ndarray, name: str, shape) -> np.ndarray:

@@ -9,7 +9,7 @@ grain worker processes (the order and the random draws are the same either
 way). Evaluation reads records i, i + n, ... in process i of n.
 """
 import itertools
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Union
 
 import grain
 from absl import flags
@@ -57,17 +57,24 @@ def _select(keys, optional=()):
                                                               if k in example)}
 
 
-def example_shapes(source, ops: str, keys=MODEL_KEYS) -> Dict[str, tuple]:
-  """Shapes of the model inputs `keys` that `ops` makes from the first record."""
-  example = transforms.parse_pipeline(ops)(source[0], np.random.default_rng(0))
+def as_pipeline(ops: Union[str, transforms.Pipeline]) -> transforms.Pipeline:
+  """A pipeline given as itself or as its spec text."""
+  return ops if isinstance(ops, transforms.Pipeline) else transforms.parse_pipeline(ops)
+
+
+def example_shapes(source, ops, keys=MODEL_KEYS) -> Dict[str, tuple]:
+  """Shapes of the model inputs `keys` that `ops` (a Pipeline or its spec) makes from the
+  first record."""
+  ops = as_pipeline(ops)
+  example = ops(source[0], np.random.default_rng(0))
   missing = [k for k in keys if k not in example]
   if missing:
-    raise ValueError(f"The data ops {ops!r} give examples without {missing} (they have "
+    raise ValueError(f"The data ops {ops.spec!r} give examples without {missing} (they have "
                      f"{sorted(example)}); the model needs {list(keys)}.")
   return {k: example[k].shape for k in keys}
 
 
-def train_iterator(source, ops: str, global_batch_size: int, seed: int,
+def train_iterator(source, ops, global_batch_size: int, seed: int,
                    num_threads: int = 2, num_workers: int = 0, keys=MODEL_KEYS,
                    optional_keys=OPTIONAL_TRAIN_KEYS, start_step: int = 0,
                    process_index: Optional[int] = None,
@@ -88,7 +95,7 @@ def train_iterator(source, ops: str, global_batch_size: int, seed: int,
   if num_workers < 0 or num_threads < 1:
     raise ValueError(f"data.num_workers must be >= 0 and data.num_threads >= 1, got "
                      f"{num_workers} and {num_threads}.")
-  pipeline = transforms.parse_pipeline(ops)
+  pipeline = as_pipeline(ops)
   local = local_batch_size(global_batch_size, count)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds.random_map(pipeline, seed=seed).map(_select(tuple(keys), tuple(optional_keys)))
@@ -104,7 +111,7 @@ def train_iterator(source, ops: str, global_batch_size: int, seed: int,
   return iter(ds)
 
 
-def eval_batches(source, ops: str, global_batch_size: int, ignore_index: int,
+def eval_batches(source, ops, global_batch_size: int, ignore_index: int,
                  keys=MODEL_KEYS, optional_keys=()) -> Iterator[Dict[str, np.ndarray]]:
   """One pass over a split in local batches of a fixed shape.
 
@@ -114,7 +121,7 @@ def eval_batches(source, ops: str, global_batch_size: int, ignore_index: int,
   i's slot j is a real example iff i * local + j < len(process_slice(source)).
   The eval ops must give every example the same shape (e.g. end with `pad`).
   """
-  pipeline = transforms.parse_pipeline(ops)
+  pipeline = as_pipeline(ops)
   local = local_batch_size(global_batch_size)
   num_batches = -(-len(source) // global_batch_size)
   first = pipeline(source[0], np.random.default_rng(0))

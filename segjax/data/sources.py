@@ -8,7 +8,7 @@ metrics and visualisation need. A dataset that is not on disk raises
 import dataclasses
 import importlib
 import os
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -23,7 +23,9 @@ class DatasetSpec:
   palette: np.ndarray  # (num_classes, 3) uint8
   ignore_index: int
   splits: Tuple[str, ...]
-  open_split: Callable[[str], Any]  # split, optionally sliced ("train[:100]") -> source
+  # split, optionally sliced ("train[:100]") -> source; None for the classes alone
+  # (`from_record`: a model restored from its checkpoint, without the dataset).
+  open_split: Optional[Callable[[str], Any]]
   # Class ids that have instance annotations (`objects`), in the order of an
   # instance model's 0-based classes; () when the dataset has none.
   thing_classes: Tuple[int, ...] = ()
@@ -32,8 +34,26 @@ class DatasetSpec:
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  def to_record(self) -> Dict[str, Any]:
+    """The class metadata as JSON-able values (what a checkpoint keeps of its dataset)."""
+    return {"name": self.name, "class_names": list(self.class_names),
+            "palette": np.asarray(self.palette).tolist(), "ignore_index": int(self.ignore_index),
+            "thing_classes": [int(c) for c in self.thing_classes]}
+
+  @classmethod
+  def from_record(cls, record: Dict[str, Any]) -> "DatasetSpec":
+    """The classes of `to_record`'s output, with no splits to read."""
+    return cls(name=record["name"], class_names=tuple(record["class_names"]),
+               palette=np.asarray(record["palette"], np.uint8),
+               ignore_index=int(record["ignore_index"]), splits=(), open_split=None,
+               thing_classes=tuple(record["thing_classes"]))
+
   def source(self, split: str):
     """Random-access records of `split`, which may carry a tfds slice."""
+    if self.open_split is None:
+      raise ValueError(f"Only the classes of dataset {self.name!r} are known here (a model "
+                       f"restored from its checkpoint alone); reading split {split!r} needs "
+                       "the dataset: pass its --config.")
     if split.split("[")[0] not in self.splits:
       raise ValueError(f"Dataset {self.name!r} has no split {split!r}; its splits are "
                        f"{list(self.splits)}.")
@@ -52,6 +72,23 @@ def get_dataset(name: str, data_dir: str = "", manual_dir: str = "") -> DatasetS
   data_dir = data_dir or default_data_dir()
   manual_dir = manual_dir or os.path.join(data_dir, "downloads", "manual")
   return DATASETS.get(name)(data_dir=data_dir, manual_dir=manual_dir)
+
+
+def dataset_classes(name: str) -> DatasetSpec:
+  """The classes of dataset `name` without its records (no data needs to be on disk)."""
+  if name == "segjax_shapes":
+    from segjax.data import shapes
+    return DatasetSpec(name=name, class_names=tuple(shapes.CLASS_NAMES),
+                       palette=np.asarray(shapes.PALETTE, np.uint8),
+                       ignore_index=shapes.IGNORE_INDEX, splits=(), open_split=None,
+                       thing_classes=tuple(shapes.THING_CLASSES))
+  if name not in _ARCHIVE_DATASETS:
+    DATASETS.get(name)  # names the known datasets
+  dataset = archive_dataset(name)
+  return DatasetSpec(name=name, class_names=tuple(dataset.class_names),
+                     palette=np.asarray(dataset.palette, np.uint8),
+                     ignore_index=dataset.ignore_index, splits=(), open_split=None,
+                     thing_classes=tuple(dataset.thing_classes))
 
 
 @DATASETS.register("segjax_shapes")

@@ -1,11 +1,8 @@
-"""Instance segmentation inference: batched detections at the original resolution,
-scored with COCO AP (pycocotools) against ground truth built from the eval split.
-
-Training's evaluation and eval.py both use `evaluate`; predict.py uses `ImageDetector`.
-"""
+"""Instance segmentation inference: batched detections at the original resolution
+(what the instance task's COCO evaluator scores), single images of any size
+(`ImageDetector`, predict.py) and drawn detections."""
 import functools
-import os
-from typing import Any, Dict, Optional
+from typing import Dict
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +10,11 @@ import ml_collections
 import numpy as np
 
 from segjax import visualization
-from segjax.data import pipeline
 from segjax.data.sources import DatasetSpec
-from segjax.metrics.coco import GroundTruthBuilder, IOU_TYPES, coco_evaluate, to_coco_results
 from segjax.ops import clip_boxes, paste_masks
 
 
-def detect_at_original_size(state, batch: Dict[str, jax.Array], *, model,
+def detect_at_original_size(variables, batch: Dict[str, jax.Array], *, model,
                             mask_threshold: float = 0.5,
                             mask_size=None) -> Dict[str, jax.Array]:
   """Detections of a batch in its ground truth's frame.
@@ -32,8 +27,7 @@ def detect_at_original_size(state, batch: Dict[str, jax.Array], *, model,
   """
   images = batch["image"]
   resized = batch.get("resized_size")
-  out = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                    train=False, image_sizes=resized)
+  out = model.apply(variables, images, train=False, image_sizes=resized)
   boxes = out["boxes"]
   if resized is not None:
     scale = (batch["original_size"] / jnp.maximum(resized, 1)).astype(jnp.float32)
@@ -48,58 +42,13 @@ def detect_at_original_size(state, batch: Dict[str, jax.Array], *, model,
   return out
 
 
-def make_detect_fn(model, state_shardings, batch_sharding):
-  """The jitted `detect_at_original_size`: (state, batch) -> detections."""
-  return jax.jit(functools.partial(detect_at_original_size, model=model),
-                 in_shardings=(state_shardings, batch_sharding), out_shardings=batch_sharding)
-
-
-def evaluate(state, detect_fn, dataset: DatasetSpec, config: ml_collections.ConfigDict,
-             batch_sharding, workdir: Optional[str] = None, step: int = 0) -> Dict[str, Any]:
-  """COCO box (and mask) AP of `state` on `data.eval_split`.
-
-  Ground truth comes from the eval records after `data.eval_ops` (thing classes only;
-  an image's id is its index in the split + 1). Returns `coco_evaluate`'s
-  {"bbox": {...}, "segm": {...}} plus flat "bbox_AP", "segm_AP", ... entries. With a
-  `workdir`, a panel of the first images' detections goes to its predictions/ folder.
-  """
-  from segjax.training.trainer import data_ops  # the trainer imports this module
-  source = dataset.source(config.data.eval_split)
-  ops = data_ops(config, config.data.eval_ops, dataset)
-  thing_names = [dataset.class_names[c] for c in dataset.thing_classes]
-  gt = GroundTruthBuilder(thing_names)
-  results, panel = [], None
-  with_masks = False
-  for i, batch in enumerate(pipeline.eval_batches(
-      source, ops, config.data.eval_batch_size, dataset.ignore_index,
-      keys=pipeline.INSTANCE_KEYS, optional_keys=("is_crowd", "masks"))):
-    detections = pipeline.to_host(detect_fn(state, pipeline.to_global(batch, batch_sharding)))
-    truth = pipeline.to_host(batch)
-    real, index = pipeline.eval_slots(source, config.data.eval_batch_size, i)
-    image_ids = index + 1
-    frame = truth["masks"].shape[2:4] if "masks" in truth else truth["image"].shape[1:3]
-    image_sizes = truth.get("original_size", np.tile(frame, (len(real), 1)))
-    for b in np.flatnonzero(real):
-      gt.add(int(image_ids[b]), int(image_sizes[b][0]), int(image_sizes[b][1]),
-             truth["boxes"][b], truth["classes"][b],
-             truth["masks"][b] if "masks" in truth else None,
-             truth["is_crowd"][b] if "is_crowd" in truth else None, truth["instance_valid"][b])
-    with_masks = "masks" in detections and "masks" in truth
-    results += to_coco_results(
-        image_ids, detections["boxes"], detections["scores"], detections["classes"],
-        detections["masks"] if with_masks else None, detections["valid"] & real[:, None],
-        category_ids=gt.category_ids, image_sizes=image_sizes if with_masks else None)
-    if panel is None:
-      panel = (batch, detections)
-  metrics = coco_evaluate(gt.to_dict(), results, IOU_TYPES if with_masks else ("bbox",))
-  for iou_type, summary in list(metrics.items()):
-    metrics.update({f"{iou_type}_{k}": v for k, v in summary.items() if k != "per_class"})
-  # A panel only where detections and images share a frame (no test-time resize).
-  if (workdir and jax.process_index() == 0 and panel is not None
-      and "original_size" not in panel[0]):
-    save_panel(os.path.join(workdir, "predictions", f"step_{step:07d}.png"), panel[0],
-               panel[1], dataset, config)
-  return metrics
+def make_detect_fn(model, variable_shardings=None, batch_sharding=None):
+  """The jitted `detect_at_original_size`: (variables, batch) -> detections."""
+  fn = functools.partial(detect_at_original_size, model=model)
+  if batch_sharding is None:
+    return jax.jit(fn)
+  return jax.jit(fn, in_shardings=(variable_shardings, batch_sharding),
+                 out_shardings=batch_sharding)
 
 
 def draw(image: np.ndarray, detections: Dict[str, np.ndarray], index: int,
@@ -114,17 +63,15 @@ def draw(image: np.ndarray, detections: Dict[str, np.ndarray], index: int,
       valid=detections["valid"][index], score_threshold=score_threshold)
 
 
-def save_panel(path: str, batch: Dict[str, np.ndarray], detections: Dict[str, np.ndarray],
-               dataset: DatasetSpec, config: ml_collections.ConfigDict, count: int = 4) -> None:
-  """A row of up to `count` eval images with their detections, as a PNG."""
+def panel(batch: Dict[str, np.ndarray], detections: Dict[str, np.ndarray],
+          dataset: DatasetSpec, config: ml_collections.ConfigDict, count: int = 4) -> np.ndarray:
+  """A row of up to `count` eval images with their detections."""
   mean, std = np.asarray(config.data.mean), np.asarray(config.data.std)
   tiles = []
   for b in range(min(count, len(batch["image"]))):
     image = np.clip(batch["image"][b] * std + mean, 0, 255).astype(np.uint8)
     tiles.append(np.pad(draw(image, detections, b, dataset), ((0, 0), (0, 4), (0, 0))))
-  row = np.concatenate(tiles, axis=1)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  visualization.save_png(path, row)
+  return np.concatenate(tiles, axis=1)
 
 
 def padded_input(image: np.ndarray, mean, std, size_divisor: int = 32) -> np.ndarray:
@@ -145,10 +92,11 @@ class ImageDetector:
   original size, as a dict of numpy arrays (one compile per distinct size).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, model, state, size_divisor: int = 32):
+  def __init__(self, config: ml_collections.ConfigDict, model, variables,
+               size_divisor: int = 32):
     self._detect = jax.jit(functools.partial(detect_at_original_size, model=model),
                            static_argnames="mask_size")
-    self._state = state
+    self._variables = variables
     self._scale = tuple(config.inference.scale)
     self._mean = np.asarray(config.data.mean, np.float32)
     self._std = np.asarray(config.data.std, np.float32)
@@ -164,5 +112,5 @@ class ImageDetector:
     padded = padded_input(resized, self._mean, self._std, self._divisor)
     batch = {"image": padded, "resized_size": np.int32([[rh, rw]]),
              "original_size": np.int32([[h, w]])}
-    out = jax.device_get(self._detect(self._state, batch, mask_size=(h, w)))
+    out = jax.device_get(self._detect(self._variables, batch, mask_size=(h, w)))
     return {k: np.asarray(v)[0] for k, v in out.items()}

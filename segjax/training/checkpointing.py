@@ -1,7 +1,10 @@
 """orbax checkpoints of the train state and a model record.
 
-A checkpoint holds two items: `state` (the sharded TrainState) and `meta`
-(model name, number of classes and parameter shapes). Every process takes part
+A checkpoint holds two items: `state` (the sharded TrainState) and `meta`, the
+model record: model name, number of classes and parameter shapes, and what
+inference needs to rebuild the model from the checkpoint alone (task, the run's
+config with its model options, test-time ops and input normalization, the
+dataset's class names, palette, ignore index and thing classes, the input shape). Every process takes part
 in saving and restoring (each writes and reads the shards it holds, process 0
 the metadata), so the workdir must be one filesystem all processes see (a
 shared disk or a bucket). A checkpoint restores into any number of processes
@@ -9,7 +12,8 @@ and devices and any sharding strategy: the restore reshards to the shardings
 asked for. The data position needs no item of its own: the input pipeline
 resumes from the restored step. On restart the latest checkpoint in the workdir
 is restored; one written by a different model is refused with a sentence saying
-so instead of failing deep inside the restore.
+so instead of failing deep inside the restore. Evaluation and prediction restore
+only the parameters and BatchNorm statistics (`restore_variables`).
 """
 import os
 from typing import Any, Dict, Optional, Tuple
@@ -24,10 +28,12 @@ class CheckpointMismatchError(ValueError):
   """The workdir holds a checkpoint of a different model."""
 
 
-def model_record(model_name: str, num_classes: int, params) -> Dict[str, Any]:
+def model_record(model_name: str, num_classes: int, params, **inference) -> Dict[str, Any]:
+  """What identifies the model (name, classes, parameter shapes), plus the JSON-able
+  `inference` entries (task, config, dataset, input_shape) that rebuild it."""
   shapes = jax.tree_util.tree_flatten_with_path(params)[0]
   return {"model": model_name, "num_classes": num_classes,
-          "param_shapes": {path_name(p): list(x.shape) for p, x in shapes}}
+          "param_shapes": {path_name(p): list(x.shape) for p, x in shapes}, **inference}
 
 
 def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -76,13 +82,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, record) -> Op
   return restored["state"]
 
 
-def restore_state(path: str, abstract_state, record) -> Tuple[Any, int]:
-  """The train state of a checkpoint, for evaluation or prediction.
-
-  `path` is a training workdir (its latest checkpoint), its `checkpoints`
-  folder, or one step's folder inside it (e.g. runs/x/checkpoints/4000).
-  Returns (state, step).
-  """
+def _step_directory(path: str) -> Tuple[str, Optional[int]]:
+  """(checkpoints folder, step or None for the latest) of a --checkpoint path: a training
+  workdir, its `checkpoints` folder, or one step's folder (e.g. runs/x/checkpoints/4000)."""
   path = os.path.abspath(path)
   step = None
   if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -92,16 +94,39 @@ def restore_state(path: str, abstract_state, record) -> Tuple[Any, int]:
   if not os.path.isdir(path):
     raise ValueError(f"--checkpoint {path} does not exist; give a training workdir, its "
                      "checkpoints folder or one step folder inside it.")
-  manager = _manager(path, ocp.CheckpointManagerOptions(create=False, read_only=True))
+  return path, step
+
+
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+
+
+def read_record(path: str) -> Tuple[Dict[str, Any], int]:
+  """(model record, step) of the checkpoint at `path` (see `_step_directory`)."""
+  directory, step = _step_directory(path)
+  manager = _read_only_manager(directory)
   steps = manager.all_steps()
   if step is None:
     step = manager.latest_step()
   if step is None or step not in steps:
-    raise ValueError(f"No checkpoint{'' if step is None else f' of step {step}'} in {path}; "
-                     f"its steps are {sorted(steps)}.")
-  found = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  check_record(found, record, path)
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))["state"]
+    raise ValueError(f"No checkpoint{'' if step is None else f' of step {step}'} in "
+                     f"{directory}; its steps are {sorted(steps)}.")
+  record = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   manager.close()
-  return state, step
+  return record, step
+
+
+def restore_variables(path: str, step: int, abstract_variables) -> Dict[str, Any]:
+  """The parameters and BatchNorm statistics of a checkpoint (no step, no optimizer
+  state), in the shapes, dtypes and shardings of `abstract_variables`
+  ({"params", "batch_stats"} of jax.ShapeDtypeStruct)."""
+  directory, _ = _step_directory(path)
+  manager = _read_only_manager(directory)
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract_variables, restore_args=restore_args, partial_restore=True)))["state"]
+  manager.close()
+  return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}

@@ -1,41 +1,23 @@
-"""Pure, keyword-bound train and eval steps.
+"""The pure, keyword-bound train step every task shares.
 
-`train_step(state, batch, rng, *, model, tx, ...)` and `eval_step` are plain
-functions of arrays; the trainer binds the keyword arguments with
-`functools.partial` and jits them with explicit shardings.
+`train_step(state, batch, rng, *, objective, tx, schedule, ...)` is a plain function of
+arrays: the task's `Objective` (segjax/tasks) gives the loss, this module the gradient
+(accumulated over micro-batches), the optimizer update and the logged scalars. The
+trainer binds the keyword arguments with `functools.partial` and jits it with explicit
+shardings.
 """
 import contextlib
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 
-from segjax.inference import predict_at_original_size
-from segjax.layers import conv_lowering, norm, remat, resize_bilinear
-from segjax.losses import build_loss
-from segjax.metrics import confusion_matrix
+from segjax.layers import conv_lowering, norm, remat
+from segjax.tasks import Objective
 from segjax.training.train_state import TrainState
-
-
-def align(logits: jax.Array, labels: jax.Array, model: nn.Module,
-          pixel_weights: Optional[jax.Array] = None):
-  """Logits and labels (and per-pixel weights) of the same size: a model whose
-  output covers only the central region (unpadded convolutions, e.g.
-  `unet_valid`) gets its labels center-cropped; other logits are resized
-  bilinearly to the labels. Returns (logits, labels, pixel_weights)."""
-  size = labels.shape[1:3]
-  if tuple(logits.shape[1:3]) == tuple(size):
-    return logits, labels, pixel_weights
-  if getattr(model, "output_is_center_crop", False):
-    top, left = (size[0] - logits.shape[1]) // 2, (size[1] - logits.shape[2]) // 2
-    crop = lambda x: x[:, top:top + logits.shape[1], left:left + logits.shape[2]]
-    return logits, crop(labels), None if pixel_weights is None else crop(pixel_weights)
-  return resize_bilinear(logits, size, align_corners=False), labels, pixel_weights
-
-
-DEFAULT_LOSS = ({"name": "cross_entropy", "weight": 1.0},)
 
 
 @contextlib.contextmanager
@@ -112,127 +94,46 @@ def apply_gradients(state: TrainState, grads, batch_stats,
                        batch_stats=batch_stats, opt_state=opt_state)
 
 
-def _float32(tree):
-  return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
-                      else x, tree)
-
-
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               ignore_index: int, loss_fn: Optional[Callable] = None,
-               class_weights: Optional[Tuple[float, ...]] = None,
-               aux_weight: float = 0.4, accumulation_steps: int = 1, bn_groups: int = 1,
+               objective: Objective, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, accumulation_steps: int = 1, bn_groups: int = 1,
                remat_policy: str = "", conv_lowering_mode: str = "auto"
                ) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimizer step on a global batch; returns the new state and scalars.
-
-  `loss_fn` is `segjax.losses.build_loss(spec)` (default: cross-entropy). The
-  model returns logits, or in training a dict with `logits` and optionally
-  `aux_logits`, whose loss (the same terms) is added with weight `aux_weight`.
-  A batch may carry `pixel_weights` (e.g. U-Net's weight map) for the terms
-  that take them. Logits are cast to float32 before the loss (bf16 models).
+  """One optimizer step of the task's `objective` on a global batch; returns the new
+  state and scalars (loss, learning rate, gradient norm and the objective's own).
 
   `accumulation_steps` > 1 computes the gradient over that many micro-batches
-  (`accumulate_gradients`, weighted by valid pixels: the large-batch update for a
-  per-pixel mean loss such as cross-entropy); `bn_groups` > 1 gives BatchNorm
-  per-device statistics (`segjax.layers.norm`); `remat_policy` rematerializes
+  (`accumulate_gradients`, weighted by `objective.weight_key`); `bn_groups` > 1 gives
+  BatchNorm per-device statistics (`segjax.layers.norm`); `remat_policy` rematerializes
   the backbone blocks (`segjax.layers.remat`); `conv_lowering_mode` says how
-  convolutions are lowered (`segjax.layers.conv_lowering`: "auto" rewrites the
-  ones XLA's CPU backend runs slowly, on the CPU only).
+  convolutions are lowered (`segjax.layers.conv_lowering`: "auto" rewrites the ones
+  XLA's CPU backend runs slowly, on the CPU only).
   """
-  loss_fn = loss_fn or build_loss(DEFAULT_LOSS)
-
-  def objective(params, batch_stats, micro, rng):
-    labels = micro["label"].astype(jnp.int32)
-    pixel_weights = micro.get("pixel_weights")
-    with _training_context(bn_groups, remat_policy, conv_lowering_mode):
-      outputs, updates = model.apply(
-          {"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
-          mutable=["batch_stats"], rngs={"dropout": rng})
-    if not isinstance(outputs, dict):
-      outputs = {"logits": outputs}
-    outputs = _float32(outputs)
-    logits, targets, weights = align(outputs["logits"], labels, model, pixel_weights)
-    loss, terms = loss_fn(logits, targets, ignore_index, class_weights, weights)
-    if "aux_logits" in outputs:  # auxiliary head (PSPNet, DeepLabV3): weighted extra loss
-      aux_logits, aux_targets, aux_weights = align(outputs["aux_logits"], labels, model,
-                                                   pixel_weights)
-      aux_loss, _ = loss_fn(aux_logits, aux_targets, ignore_index, class_weights, aux_weights)
-      loss += aux_weight * aux_loss
-    valid = targets != ignore_index
-    sums = {"correct": ((jnp.argmax(logits, -1) == targets) & valid).sum(),
-            "valid": valid.sum(), **{f"loss_{name}": v for name, v in terms.items()}}
-    return loss, (sums, updates["batch_stats"])
-
-  loss, sums, batch_stats, grads = accumulate_gradients(
-      objective, state.params, state.batch_stats, batch, jax.random.fold_in(rng, state.step),
-      accumulation_steps, weight_key="valid")
-  new_state = apply_gradients(state, grads, batch_stats, tx)
-  metrics = {"loss": loss, "learning_rate": schedule(state.step),
-             "pixel_accuracy": sums["correct"] / jnp.maximum(sums["valid"], 1),
-             "grad_norm": optax.global_norm(grads)}
-  terms = {k: v / accumulation_steps for k, v in sums.items() if k.startswith("loss_")}
-  if len(terms) > 1:
-    metrics.update(terms)
-  return new_state, metrics
-
-
-def predict(state: TrainState, images: jax.Array, *, model: nn.Module) -> jax.Array:
-  """Inference-mode logits at the input resolution."""
-  return model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                     train=False)
-
-
-def eval_step(state: TrainState, batch: Dict[str, jax.Array], confusion: jax.Array, *,
-              model: nn.Module, num_classes: int, ignore_index: int) -> Tuple[jax.Array, Any]:
-  """Adds the batch to the running confusion matrix; also returns predictions.
-
-  With `resized_size` and `original_size` in the batch (a test-time resize that
-  kept the labels at their original size) predictions are made at that size.
-  """
-  logits = predict(state, batch["image"], model=model)
-  labels = batch["label"].astype(jnp.int32)
-  if "original_size" in batch:
-    predictions = predict_at_original_size(logits, batch["resized_size"],
-                                           batch["original_size"], labels.shape[1:3])
-  else:
-    logits, labels, _ = align(logits, labels, model)
-    predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return confusion + confusion_matrix(predictions, labels, num_classes, ignore_index), predictions
-
-
-def detection_train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
-                         model: nn.Module, tx: optax.GradientTransformation,
-                         schedule: optax.Schedule,
-                         loss_weights: Optional[Dict[str, float]] = None,
-                         accumulation_steps: int = 1, bn_groups: int = 1,
-                         remat_policy: str = "", conv_lowering_mode: str = "auto"
-                         ) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimizer step of a two-stage detector (`MaskRCNN`) on a global batch.
-
-  The batch carries `image` and the padded instance rows (`boxes`, `classes`,
-  `instance_valid`, optional `is_crowd`, and `masks` or `box_masks`); the loss is
-  the weighted sum of the model's losses (weight 1 where `loss_weights` has none).
-  With `accumulation_steps` > 1 the micro-batches' losses are averaged with equal
-  weights; `bn_groups`, `remat_policy` and `conv_lowering_mode` as in `train_step`.
-  """
-  loss_weights = dict(loss_weights or {})
-
-  def objective(params, batch_stats, micro, rng):
-    targets = {k: v for k, v in micro.items() if k != "image"}
-    with _training_context(bn_groups, remat_policy, conv_lowering_mode):
-      losses, updates = model.apply(
-          {"params": params, "batch_stats": batch_stats}, micro["image"], targets,
-          rng, train=True, mutable=["batch_stats"], method="losses")
-    losses = _float32(losses)
-    total = sum(loss_weights.get(name, 1.0) * value for name, value in losses.items())
-    return total, (losses, updates["batch_stats"])
-
-  loss, losses, batch_stats, grads = accumulate_gradients(
-      objective, state.params, state.batch_stats, batch, jax.random.fold_in(rng, state.step),
-      accumulation_steps)
+  with _training_context(bn_groups, remat_policy, conv_lowering_mode):
+    loss, sums, batch_stats, grads = accumulate_gradients(
+        objective.fn, state.params, state.batch_stats, batch,
+        jax.random.fold_in(rng, state.step), accumulation_steps, objective.weight_key)
   new_state = apply_gradients(state, grads, batch_stats, tx)
   metrics = {"loss": loss, "learning_rate": schedule(state.step),
              "grad_norm": optax.global_norm(grads),
-             **{f"loss_{name}": value / accumulation_steps for name, value in losses.items()}}
+             **objective.summarize(sums, accumulation_steps)}
   return new_state, metrics
+
+
+def step_options(config: ml_collections.ConfigDict, mesh) -> Dict[str, Any]:
+  """`train_step`'s keyword arguments for accumulation, BatchNorm, remat and the
+  convolutions' lowering."""
+  if config.model.batch_norm not in ("sync", "per_device"):
+    raise ValueError(f"Unknown model.batch_norm {config.model.batch_norm!r}; use sync or "
+                     "per_device.")
+  remat.check_policy(config.model.remat)
+  conv_lowering.check_mode(config.model.conv_lowering)
+  micro = config.optimizer.accumulation_steps
+  devices = int(np.prod([mesh.shape[a] for a in config.mesh.batch_axes]))
+  if micro < 1 or config.data.batch_size % (micro * devices):
+    raise ValueError(f"data.batch_size {config.data.batch_size} must be a multiple of "
+                     f"optimizer.accumulation_steps ({micro}) x the {devices} devices of the "
+                     "batch axes, so every micro-batch spreads evenly over the devices.")
+  return {"accumulation_steps": micro, "remat_policy": config.model.remat,
+          "bn_groups": devices if config.model.batch_norm == "per_device" else 1,
+          "conv_lowering_mode": config.model.conv_lowering}

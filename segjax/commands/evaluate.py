@@ -1,0 +1,55 @@
+"""eval.py: a checkpoint's metrics on the config's eval split, as the task's evaluator
+computes them, printed and written as JSON."""
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from segjax import visualization
+from segjax.commands.restore import restore
+from segjax.tasks import variables_of
+from segjax.training import sharding
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
+                        output: str = "") -> Tuple[Dict[str, Any], str]:
+  """Scores a checkpoint on `data.eval_split`; writes the metrics as JSON to `output`
+  (and a panel of the first predictions beside it, where the task draws one).
+  Returns (metrics with "step", "split" and "mode", the task's console table)."""
+  restored = restore(checkpoint, config, open_dataset=True)
+  config, dataset = restored.config, restored.dataset
+  evaluator = restored.task.evaluator(
+      config, dataset, restored.model, variable_shardings=variables_of(restored.variable_shardings),
+      batch_sharding=sharding.batch_sharding(restored.mesh, config.mesh.batch_axes))
+  metrics = evaluator.evaluate(restored.variables)
+  table = evaluator.table(metrics)
+  metrics = {"step": restored.step, "split": config.data.eval_split,
+             "mode": config.inference.mode, **metrics}
+  if output and jax.process_index() == 0:
+    directory = os.path.dirname(os.path.abspath(output))
+    os.makedirs(directory, exist_ok=True)
+    with open(output, "w") as f:
+      json.dump(_jsonable(metrics, dataset.class_names), f, indent=1)
+    visualization.save_step_panel(directory, restored.step, evaluator.panel())
+  return metrics, table
+
+
+def _jsonable(metrics: Dict[str, Any], class_names) -> Dict[str, Any]:
+  """Scalars as floats (NaN as null), per-class arrays as {class name: value},
+  nested dicts (COCO's per iou type) likewise."""
+  def number(x):
+    return None if np.isnan(x) else float(x)
+  out = {}
+  for key, value in metrics.items():
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+      out[key] = {name: number(v) for name, v in zip(class_names, value)}
+    elif isinstance(value, (float, np.floating)):
+      out[key] = number(value)
+    elif isinstance(value, dict):
+      out[key] = _jsonable(value, class_names)
+    else:
+      out[key] = value
+  return out
