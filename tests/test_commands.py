@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import unet_shapes
 from segjax.data import shapes
-from segjax.inference import commands
+from segjax.commands.evaluate import evaluate_checkpoint
 from segjax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +61,8 @@ def test_eval_command_reproduces_training_evaluation(trained, tmp_path):
 
 def test_whole_image_inference_equals_batched(trained):
   data_dir, workdir, result = trained
-  metrics = commands.evaluate_checkpoint(_config(data_dir, "whole"),
-                                         os.path.join(workdir, "checkpoints", "6"))
+  metrics, _ = evaluate_checkpoint(_config(data_dir, "whole"),
+                                   os.path.join(workdir, "checkpoints", "6"))
   assert metrics["mode"] == "whole"
   np.testing.assert_allclose(metrics["mIoU"], result["mIoU"], rtol=1e-12)
   np.testing.assert_allclose(metrics["aAcc"], result["aAcc"], rtol=1e-12)

@@ -14,7 +14,7 @@ import pytest
 
 from segjax.losses import build_loss
 from segjax.models import build_model
-from segjax.training.steps import DEFAULT_LOSS
+from segjax.tasks.semantic import DEFAULT_LOSS
 
 torch = pytest.importorskip("torch")
 from benchmarks import torch_models  # noqa: E402  (needs torch)
