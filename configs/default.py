@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (benchmarks/RESULTS.md).
   config.xla_flags = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
+  # semantic | instance | panoptic (segjax/tasks); "" = the model's own task.
+  config.task = ""
+
   config.model = ml_collections.ConfigDict()
   config.model.name = "unet"
   config.model.options = ml_collections.ConfigDict()  # constructor arguments of the model

@@ -1,4 +1,5 @@
-"""Name -> constructor registries (models, datasets, preprocessing ops).
+"""Name -> constructor registries (models, datasets, tasks, preprocessing ops, losses,
+converters).
 
 Configs refer to components by name; a registry turns that name into code and,
 for a name it does not know, says which names it does know.

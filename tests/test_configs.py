@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from segjax.data import sources, transforms
-from segjax.models import MODELS, build_model
+from segjax.data import sources
+from segjax.tasks import get_task
 
 CONFIGS = {
     "unet_shapes": ("", "smoke"),
@@ -27,34 +27,21 @@ CONFIGS = {
 }
 
 
-def _classes(name, model_name):
-  """(number of model classes, extra constructor options): the dataset's classes, or its
-  thing classes for an instance model, plus thing/stuff ids for a panoptic one."""
-  if name == "segjax_shapes":
-    from segjax.data import shapes
-    names, things = shapes.CLASS_NAMES, shapes.THING_CLASSES
-  else:
-    dataset = sources.archive_dataset(name)
-    names, things = dataset.class_names, dataset.thing_classes
-  task = getattr(MODELS.get(model_name), "task", "semantic")
-  if task == "semantic":
-    return len(names), {}
-  extra = {}
-  if task == "panoptic":
-    extra = dict(thing_classes=tuple(things),
-                 stuff_classes=tuple(c for c in range(len(names)) if c not in things))
-  return len(things), extra
-
-
 @pytest.mark.parametrize("module,variant", [(m, v) for m, vs in CONFIGS.items() for v in vs])
 def test_config_builds(module, variant):
+  """Through its task, as training builds it: the config validates (no setting the task
+  ignores), its model gets the dataset's classes (thing classes for detectors)."""
   config = importlib.import_module(f"configs.{module}").get_config(variant)
   assert config.data.name in sources.DATASETS.names()
-  num_classes, extra = _classes(config.data.name, config.model.name)
+  task = get_task(config)
+  task.validate(config)
+  dataset = sources.dataset_classes(config.data.name)
+  num_classes = task.num_classes(dataset)
   assert not config.loss.class_weights or len(config.loss.class_weights) == num_classes
   for ops in (config.data.train_ops, config.data.eval_ops):
-    transforms.parse_pipeline(ops)
-  model = build_model(config.model.name, num_classes, {**config.model.options, **extra})
+    task.data_ops(config, ops, dataset)
+  model = task.build_model(config, dataset)
+  assert model.num_classes == num_classes
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   if config.model.name != "unet_valid":
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)

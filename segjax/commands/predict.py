@@ -5,6 +5,7 @@ writes its files (semantic: <stem>.png of class ids + <stem>_overlay.jpg; instan
 <stem>.json COCO results + <stem>_instances.jpg; panoptic: <stem>.png COCO panoptic
 ids + one predictions.json).
 """
+import functools
 import glob
 import os
 from typing import List, Optional
@@ -42,6 +43,15 @@ def read_image(path: str) -> np.ndarray:
                      "non-image file?") from e
 
 
+def _single_images(config: ml_collections.ConfigDict, crf: bool) -> None:
+  """Batched evaluation becomes "whole" (it needs trained-size batches); `crf` turns the
+  dense CRF on."""
+  if config.inference.mode == "batched":
+    config.inference.mode = "whole"
+  if crf:
+    config.inference.crf.enabled = True
+
+
 def predict_files(checkpoint: str, input_path: str, output_dir: str,
                   config: Optional[ml_collections.ConfigDict] = None,
                   crf: bool = False) -> List[str]:
@@ -49,12 +59,8 @@ def predict_files(checkpoint: str, input_path: str, output_dir: str,
   `config` is given; `crf` turns on the dense CRF refinement); returns the written
   paths."""
   files = image_files(input_path)
-  restored = restore(checkpoint, config)
+  restored = restore(checkpoint, config, edit=functools.partial(_single_images, crf=crf))
   config, task, dataset = restored.config, restored.task, restored.dataset
-  if crf:
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.inference.crf.enabled = True
   predictor = task.predictor(config, dataset, restored.model, restored.variables)
   os.makedirs(output_dir, exist_ok=True)
   writer = task.writer(output_dir, dataset, restored.model)

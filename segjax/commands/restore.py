@@ -9,7 +9,7 @@ or a converted .npz) loads into the config's architecture.
 """
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,13 @@ def saved_config(record) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_tuples(record["config"]))
 
 
+def _edited(config, edit):
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    edit(config)
+  return config
+
+
 def _abstract_variables(model, input_shape, mesh, config):
   shapes = jax.eval_shape(
       lambda rng: model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape),
@@ -63,18 +70,22 @@ def _abstract_variables(model, input_shape, mesh, config):
 
 
 def restore(checkpoint: str, config: Optional[ml_collections.ConfigDict] = None, *,
-            open_dataset: bool = False) -> Restored:
+            open_dataset: bool = False,
+            edit: Optional[Callable[[ml_collections.ConfigDict], None]] = None) -> Restored:
   """The model of `checkpoint` (a segjax workdir, checkpoints folder, step folder, or a
   peer weights file for `config`'s architecture).
 
   `config` overrides the checkpoint's own (e.g. other inference settings; its model must
-  be the checkpoint's); `open_dataset` opens the config's dataset (to read a split).
+  be the checkpoint's); `edit(config)` changes a copy of the config used before it is
+  checked; `open_dataset` opens the config's dataset (to read a split).
   """
+  if config is not None and edit is not None:
+    config = _edited(config, edit)
   if os.path.isfile(checkpoint) and checkpoint.endswith(WEIGHT_FILE_EXTENSIONS):
     return _restore_weights_file(checkpoint, config, open_dataset)
   record, step = checkpointing.read_record(checkpoint)
   if "config" in record and "dataset" in record:
-    config = config or saved_config(record)
+    config = config or (_edited(saved_config(record), edit) if edit else saved_config(record))
     dataset = (get_dataset(config.data.name, config.data.data_dir, config.data.manual_dir)
                if open_dataset else DatasetSpec.from_record(record["dataset"]))
     input_shape = tuple(record["input_shape"])

@@ -25,7 +25,7 @@ class PanopticFPN(MaskRCNN):
   """Mask R-CNN + semantic FPN head; `losses` adds "semantic", `__call__` adds "semantic"
   (stride-4 logits) and "mask_logits" (RoI mask logits of each detection's class).
 
-  `thing_classes` / `stuff_classes` are the dataset's class ids (the trainer fills them in
+  `thing_classes` / `stuff_classes` are the dataset's class ids (the panoptic task fills them in
   from the dataset); `num_classes` counts the things.
   """
   thing_classes: Sequence[int] = ()

@@ -236,6 +236,12 @@ class SemanticTask(Task):
     return [], [op("check_labels", num_classes=dataset.num_classes,
                    ignore_index=dataset.ignore_index)]
 
+  def validate(self, config) -> None:
+    super().validate(config)
+    if config.inference.mode == "batched" and per_image.crf_options(config) is not None:
+      raise ValueError("The dense CRF (--crf, inference.crf) refines one image at a time; "
+                       "add --config.inference.mode=whole (or slide).")
+
   def objective(self, config, model, dataset) -> Objective:
     class_weights = tuple(config.loss.class_weights) or None
     if class_weights and len(class_weights) != dataset.num_classes:
@@ -248,19 +254,12 @@ class SemanticTask(Task):
   def evaluator(self, config, dataset, model, *, variable_shardings=None,
                 batch_sharding=None, progress: bool = True) -> Evaluator:
     if config.inference.mode == "batched":
-      if per_image.crf_options(config) is not None:
-        raise ValueError("The dense CRF (--crf, inference.crf) refines one image at a time; "
-                         "add --config.inference.mode=whole (or slide).")
       ops = self.data_ops(config, config.data.eval_ops, dataset)
       return BatchedSemanticEvaluator(config, dataset, model, ops, variable_shardings,
                                       batch_sharding)
     return PerImageSemanticEvaluator(config, dataset, model, progress)
 
   def predictor(self, config, dataset, model, variables):
-    if config.inference.mode == "batched":  # trained-size batches only: label whole images
-      config = config.copy_and_resolve_references()
-      with config.unlocked():
-        config.inference.mode = "whole"
     predictor = per_image.make_predictor(config, model, variables, dataset.num_classes)
     return with_lowering(predictor.predict, config.model.conv_lowering)
 
