@@ -2,7 +2,8 @@
 
   python -m segjax.convert --arch resnet50 --input resnet50.pth --output resnet50.npz
 
-Reads .pth/.pt (with torch installed), .safetensors or .npz; writes an .npz of
+Reads .pth/.pt (with `torch.load` where PyTorch is installed, else by
+torch_pickle.py), .safetensors or .npz; writes an .npz of
 '/'-joined variable paths that `load_variables` reads back. Each converter
 module registers its architectures in `CONVERTERS`. `resolve_init_from`
 (pretrained.py) does this by itself for short names (resnet50_v1c, ...) and URLs,

@@ -38,6 +38,7 @@ Downloads go to `$SEGJAX_CACHE/pretrained/<file name>` (default ~/.cache/segjax)
 temporary file in the same folder that is renamed once complete and verified, so a
 file under the final name is always whole; the converted .npz is written beside it
 the same way, as `<file stem>.<arch>.npz`, and later calls return it without network.
+Converting needs no PyTorch (`read_state_dict` falls back on torch_pickle.py).
 When a download is impossible (offline, unreachable host, HTTP error) or the
 checksum differs, `PretrainedWeightsError` (a ValueError) says in one sentence which
 URL to fetch and the exact path to put it at; a file put there by hand is used
