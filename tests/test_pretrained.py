@@ -252,6 +252,9 @@ def test_local_files(tmp_path, cache, checkpoint):
   converted = tmp_path / "converted.npz"
   save_variables({"params": {"w": np.ones(2, np.float32)}}, str(converted))
   assert resolve_init_from(str(converted)) == str(converted)  # already converted: as is
+  home = os.path.expanduser("~")
+  if str(converted).startswith(home + os.sep):
+    assert resolve_init_from("~" + str(converted)[len(home):]) == str(converted)
 
   source = tmp_path / "encoder.pth"
   source.write_bytes(data)
@@ -263,6 +266,11 @@ def test_local_files(tmp_path, cache, checkpoint):
   assert resolve_init_from(f"{source}#arch=mobilenet_v2") == path
   with pytest.raises(PretrainedWeightsError, match="not the 00000000 given"):
     resolve_init_from(f"{source}#arch=mobilenet_v2&sha256=00000000")
+  data_parallel = tmp_path / "data_parallel.pth"  # keys 'module.features...', mmcv-wrapped
+  torch = pytest.importorskip("torch")
+  torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+             data_parallel)
+  _assert_same_weights(resolve_init_from(f"{data_parallel}#arch=mobilenet_v2"), model)
   with pytest.raises(ValueError, match="State dict does not fit vgg16"):
     resolve_init_from(f"{source}#arch=vgg16")
   assert not list((cache.parent / "converted").glob("*vgg16*"))

@@ -78,9 +78,21 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads a flat name -> array dict from .npz, .safetensors or a torch checkpoint.
 
   A checkpoint that wraps its weights (mmcv's {'state_dict': ...}, {'model': ...})
-  is unwrapped. Torch checkpoints are read with `torch.load` where PyTorch is
-  installed, else by `torch_pickle.read_torch_checkpoint`.
+  is unwrapped, and a 'module.' prefix on every key (saved from DataParallel) is
+  removed, as mmcv's `load_checkpoint` does. Torch checkpoints are read with
+  `torch.load` where PyTorch is installed, else by `torch_pickle.read_torch_checkpoint`.
   """
+  return _strip_data_parallel(_read_state_dict(path))
+
+
+def _strip_data_parallel(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Drops a 'module.' prefix that every key has."""
+  if state and all(k.startswith("module.") for k in state):
+    return {k[len("module."):]: v for k, v in state.items()}
+  return state
+
+
+def _read_state_dict(path: str) -> Dict[str, np.ndarray]:
   suffix = Path(path).suffix
   if suffix == ".npz":
     with np.load(path) as data:

@@ -125,6 +125,7 @@ def resolve_init_from(value: str, arch: str | None = None) -> str:
     name = _url_file_name(location)
     return _resolve_url(location, _arch(options, name, arch, value),
                         options.get("sha256") or _hash_in_name(name))
+  location = os.path.expanduser(location)
   if os.path.isfile(location):
     if location.endswith(".npz") and "arch" not in options:
       return location  # already converted
