@@ -124,6 +124,7 @@ def test_download_converts_and_caches_then_works_offline(served, cache, checkpoi
   assert (cache / served.name).read_bytes() == data
   assert sorted(os.listdir(cache)) == sorted([served.name, os.path.basename(path)])
   assert served.requests == [f"/{served.name}"]
+  assert os.stat(path).st_mode & 0o777 == os.stat(cache / served.name).st_mode & 0o777 == 0o644
   _assert_mobilenet_features(path, model)
 
   served.stop()
@@ -274,6 +275,16 @@ def test_local_files(tmp_path, cache, checkpoint):
   with pytest.raises(ValueError, match="State dict does not fit vgg16"):
     resolve_init_from(f"{source}#arch=vgg16")
   assert not list((cache.parent / "converted").glob("*vgg16*"))
+
+
+def test_unwritable_cache_is_named(tmp_path, monkeypatch):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv("SEGJAX_CACHE", str(blocker / "cache"))
+  with pytest.raises(PretrainedWeightsError,
+                     match=f"Cannot create the cache folder {blocker}/cache/pretrained .*; set "
+                           r"\$SEGJAX_CACHE to a writable folder."):
+    resolve_init_from("http://127.0.0.1:9/mobilenet_v2-0123abcd.pth")
 
 
 @pytest.mark.parametrize("value, message", [

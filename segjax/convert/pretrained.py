@@ -211,10 +211,18 @@ def _resolve_url(url: str, arch: str, expected: str) -> str:
           f"{path} has sha256 {digest}, not the {expected} of {url}; replace it with the file "
           f"from {url} (or delete it to download again).")
   else:
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(folder)
     _download(url, path, expected)
   _save_converted(str(path), arch, converted)
   return str(converted)
+
+
+def _make_folder(folder: Path) -> None:
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise PretrainedWeightsError(f"Cannot create the cache folder {folder} ({e.strerror}); set "
+                                 f"${CACHE_ENV} to a writable folder.") from e
 
 
 def _download(url: str, path: Path, expected: str) -> None:
@@ -226,7 +234,8 @@ def _download(url: str, path: Path, expected: str) -> None:
     digest, size = hashlib.sha256(), 0
     with os.fdopen(fd, "wb") as out:
       try:
-        with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
+        request = urllib.request.Request(url, headers={"User-Agent": "segjax"})
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
           length = response.headers.get("Content-Length")
           for chunk in iter(lambda: response.read(_CHUNK), b""):
             out.write(chunk)
@@ -244,6 +253,7 @@ def _download(url: str, path: Path, expected: str) -> None:
       raise PretrainedWeightsError(
           f"{url} downloaded with sha256 {digest.hexdigest()}, not {expected}; put the right "
           f"file (sha256 {expected}...) at {path}.")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -266,6 +276,7 @@ def _save_converted(source: str, arch: str, path: Path) -> None:
   os.close(fd)
   try:
     save_variables(variables, tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -280,6 +291,6 @@ def _convert_local(path: str, arch: str, expected: str) -> str:
   folder = cache_dir() / "converted"
   converted = folder / f"{_stem(os.path.basename(path))}-{digest[:16]}.{arch}.npz"
   if not converted.exists():
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(folder)
     _save_converted(path, arch, converted)
   return str(converted)
