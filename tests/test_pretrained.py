@@ -54,6 +54,17 @@ class _LoggingHandler(http.server.SimpleHTTPRequestHandler):
   def log_message(self, *args):
     self.requests.append(self.path)
 
+  def do_GET(self):
+    """/cut/NAME: announces NAME's full length, sends half of it, then hangs up."""
+    if not self.path.startswith("/cut/"):
+      return super().do_GET()
+    data = (Path(self.directory) / self.path[len("/cut/"):]).read_bytes()
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    self.wfile.write(data[:len(data) // 2])
+    self.close_connection = True
+
 
 @pytest.fixture(scope="module")
 def checkpoint():
@@ -173,6 +184,17 @@ def test_unreachable_host_and_http_errors_stop_with_one_sentence(served, cache):
   assert message.startswith(f"Could not download {url} (")
   assert f"put it at {cache / served.name}, where it is used without network." in message
   _only_sentence(message)
+  assert os.listdir(cache) == []
+
+
+def test_cut_download_leaves_no_file(served, cache):
+  url = f"{served.url}/cut/{served.name}"
+  with pytest.raises(PretrainedWeightsError) as error:
+    resolve_init_from(url)
+  size = served.folder.joinpath(served.name).stat().st_size
+  assert str(error.value) == (
+      f"Download of {url} stopped after {size // 2} of {size} bytes; run again, or fetch it some "
+      f"other way and put it at {cache / served.name}.")
   assert os.listdir(cache) == []
 
 
