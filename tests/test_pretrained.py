@@ -148,6 +148,18 @@ def test_download_converts_and_caches_then_works_offline(served, cache, checkpoi
   assert served.requests == [f"/{served.name}"]
 
 
+def test_converted_npz_by_url_is_used_as_it_is(served, cache, checkpoint, tmp_path):
+  _, _, model = checkpoint
+  save_variables(CONVERTERS.get("mobilenet_v2")(model.state_dict()), str(tmp_path / "c.npz"))
+  data = (tmp_path / "c.npz").read_bytes()
+  digest = hashlib.sha256(data).hexdigest()
+  (served.folder / f"converted-{digest[:10]}.npz").write_bytes(data)
+  path = resolve_init_from(f"{served.url}/converted-{digest[:10]}.npz")
+  assert path == str(cache / f"converted-{digest[:10]}.npz")
+  assert os.listdir(cache) == [f"converted-{digest[:10]}.npz"]
+  _assert_same_weights(path, model)
+
+
 def test_wrong_checksum_stops_and_leaves_no_file(served, cache, checkpoint):
   data, digest, _ = checkpoint
   wrong = ("0" if digest[0] != "0" else "1") + digest[1:8]

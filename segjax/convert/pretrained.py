@@ -20,8 +20,8 @@ checksum-verified and converted once, into a cache.
 
     With `$SEGJAX_PRETRAINED_BASE_URL` set (a mirror, or a folder as file:///...), a
     short name downloads `<base>/<file name>` instead; the checksum stays the same.
-  * an http://, https:// or file:// URL of a PyTorch checkpoint (.pth/.pt, .safetensors,
-    or a state-dict .npz);
+  * an http://, https:// or file:// URL of a PyTorch checkpoint (.pth/.pt, .safetensors;
+    a state-dict .npz with #arch=) or of a converted .npz (downloaded, used as it is);
   * a local path: a converted .npz is returned as it is; a .pth/.pt/.safetensors is
     converted (into the cache, keyed by its sha256, so an edited file converts again).
 
@@ -32,7 +32,9 @@ argument (the trainer may pass the model's backbone). A URL's checksum is
 `#sha256=HEX` (all 64 hex digits, or a prefix of at least 8) appended to the value,
 else the hex digits of its file name after the last '-' (torch.hub's convention:
 'name-<first 8+ hex digits of the sha256>.ext'); a URL with neither is not verified.
-E.g. `https://host/weights.pth#arch=resnet50&sha256=0676ba61`.
+E.g. `https://host/weights.pth#arch=resnet50&sha256=0676ba61`. (No full sha256 is in
+the table yet: the files could not be fetched where this was written; their names'
+prefixes are checked.)
 
 Downloads go to `$SEGJAX_CACHE/pretrained/<file name>` (default ~/.cache/segjax), via a
 temporary file in the same folder that is renamed once complete and verified, so a
@@ -123,7 +125,8 @@ def resolve_init_from(value: str, arch: str | None = None) -> str:
     return _resolve_url(url, entry.arch, entry.sha256 or _hash_in_name(_url_file_name(url)))
   if urllib.parse.urlsplit(location).scheme in ("http", "https", "file"):
     name = _url_file_name(location)
-    return _resolve_url(location, _arch(options, name, arch, value),
+    converted = name.endswith(".npz") and "arch" not in options
+    return _resolve_url(location, None if converted else _arch(options, name, arch, value),
                         options.get("sha256") or _hash_in_name(name))
   location = os.path.expanduser(location)
   if os.path.isfile(location):
@@ -197,11 +200,12 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def _resolve_url(url: str, arch: str, expected: str) -> str:
+def _resolve_url(url: str, arch: str | None, expected: str) -> str:
+  """Downloads `url` (if not cached) and converts it with `arch` (None: it is converted)."""
   folder = cache_dir() / "pretrained"
   name = _url_file_name(url)
   path = folder / name
-  converted = folder / f"{_stem(name)}.{arch}.npz"
+  converted = folder / f"{_stem(name)}.{arch}.npz" if arch else path
   if converted.exists():
     return str(converted)
   if path.exists():
@@ -213,7 +217,8 @@ def _resolve_url(url: str, arch: str, expected: str) -> str:
   else:
     _make_folder(folder)
     _download(url, path, expected)
-  _save_converted(str(path), arch, converted)
+  if arch:
+    _save_converted(str(path), arch, converted)
   return str(converted)
 
 
