@@ -2,9 +2,12 @@
 
   python -m segjax.convert --arch resnet50 --input resnet50.pth --output resnet50.npz
 
-Reads .pth/.pt (with torch installed), .safetensors or .npz; writes an .npz of
+Reads .pth/.pt (with `torch.load` where PyTorch is installed, else by
+torch_pickle.py), .safetensors or .npz; writes an .npz of
 '/'-joined variable paths that `load_variables` reads back. Each converter
-module registers its architectures in `CONVERTERS`.
+module registers its architectures in `CONVERTERS`. `resolve_init_from`
+(pretrained.py) does this by itself for short names (resnet50_v1c, ...) and URLs,
+downloading and converting once into a cache.
 """
 import argparse
 import sys
@@ -15,19 +18,19 @@ import jax
 from segjax.convert.common import (CONVERTERS, convert_state_dict, load_variables,
                                    read_state_dict, save_variables)
 from segjax.convert.fpn import torch_resnet_fpn_to_flax
+from segjax.convert.pretrained import PretrainedWeightsError, resolve_init_from
 from segjax.convert.resnet import torch_resnet_to_flax, torch_segmentation_to_flax
 import segjax.convert.mask_rcnn  # noqa: F401
 import segjax.convert.mobilenet_v2  # noqa: F401
 import segjax.convert.vgg  # noqa: F401
 
-__all__ = ["CONVERTERS", "convert_state_dict", "load_variables", "main", "read_state_dict",
-           "save_variables", "torch_resnet_fpn_to_flax", "torch_resnet_to_flax",
-           "torch_segmentation_to_flax"]
+__all__ = ["CONVERTERS", "PretrainedWeightsError", "convert_state_dict", "load_variables", "main",
+           "read_state_dict", "resolve_init_from", "save_variables", "torch_resnet_fpn_to_flax",
+           "torch_resnet_to_flax", "torch_segmentation_to_flax"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m segjax.convert", description=__doc__,
-                                   
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--arch", required=True, choices=CONVERTERS.names())
   parser.add_argument("--input", required=True, help=".pth/.pt, .safetensors or .npz")

@@ -6,11 +6,13 @@ weights; `convert_state_dict` then fills every variable (conv weights OIHW ->
 HWIO, BatchNorm weight/bias/running stats -> scale/bias/batch_stats) and
 refuses a state dict with missing, unknown or misshapen keys.
 """
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -18,6 +20,9 @@ from segjax.registry import Registry
 
 # Architecture name -> fn(state_dict) -> variables, for `python -m segjax.convert`.
 CONVERTERS: Registry = Registry("convertible architecture")
+
+# Floating dtypes of torch tensors, read as float32 (as `tensor.float()`).
+_FLOATS = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float64))
 
 # (collection, flax leaf) -> torch BatchNorm attribute.
 _BN_LEAVES = {("params", "scale"): "weight", ("params", "bias"): "bias",
@@ -73,8 +78,21 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads a flat name -> array dict from .npz, .safetensors or a torch checkpoint.
 
   A checkpoint that wraps its weights (mmcv's {'state_dict': ...}, {'model': ...})
-  is unwrapped.
+  is unwrapped, and a 'module.' prefix on every key (saved from DataParallel) is
+  removed, as mmcv's `load_checkpoint` does. Torch checkpoints are read with
+  `torch.load` where PyTorch is installed, else by `torch_pickle.read_torch_checkpoint`.
   """
+  return _strip_data_parallel(_read_state_dict(path))
+
+
+def _strip_data_parallel(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Drops a 'module.' prefix that every key has."""
+  if state and all(k.startswith("module.") for k in state):
+    return {k[len("module."):]: v for k, v in state.items()}
+  return state
+
+
+def _read_state_dict(path: str) -> Dict[str, np.ndarray]:
   suffix = Path(path).suffix
   if suffix == ".npz":
     with np.load(path) as data:
@@ -87,12 +105,27 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
     return load_file(path)
   try:
     import torch
-  except ImportError as e:
-    raise ImportError(f"Reading {path} needs PyTorch; or convert it to .npz or "
-                      ".safetensors first.") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  except ImportError:
+    torch = None
+  obj = None
+  if torch is not None:
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # objects beyond tensors (e.g. a framework's metadata)
+      torch = None
+  if torch is None:  # read without PyTorch (segjax/convert/torch_pickle.py)
+    from segjax.convert.torch_pickle import read_torch_checkpoint
+    obj = read_torch_checkpoint(path)
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict.")
   for key in ("state_dict", "model"):
     if isinstance(obj.get(key), Mapping):
       obj = obj[key]
       break
-  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
+  if torch is not None:
+    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
+  not_arrays = sorted(k for k, v in obj.items() if not isinstance(v, np.ndarray))
+  if not_arrays:
+    raise ValueError(f"{path} holds non-tensors at {not_arrays[:5]}; read it with PyTorch "
+                     "installed, or save a plain state dict.")
+  return {k: (v.astype(np.float32) if v.dtype in _FLOATS else v) for k, v in obj.items()}
