@@ -8,6 +8,7 @@ from jax import lax
 
 from segjax.layers import Conv, conv_lowering
 from segjax.models import build_model
+from segjax.tasks import semantic
 from segjax.training import steps
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -135,8 +136,9 @@ def test_train_step_updates_match_xla_gradients():
   for mode in ("xla", "patches"):
     state = TrainState.create(variables["params"], variables["batch_stats"], tx)
     new_state, metrics = jax.jit(lambda s: steps.train_step(
-        s, {"image": images, "label": labels}, jax.random.key(4), model=model, tx=tx,
-        schedule=lambda _: 0.1, ignore_index=255, conv_lowering_mode=mode))(state)
+        s, {"image": images, "label": labels}, jax.random.key(4),
+        objective=semantic.objective(model=model, ignore_index=255), tx=tx,
+        schedule=lambda _: 0.1, conv_lowering_mode=mode))(state)
     results[mode] = (new_state.params, float(metrics["loss"]))
   assert np.isclose(results["xla"][1], results["patches"][1], rtol=1e-6)  # depthwise rounding
   for a, b in zip(jax.tree.leaves(results["xla"][0]), jax.tree.leaves(results["patches"][0])):

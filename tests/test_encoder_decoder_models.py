@@ -178,6 +178,7 @@ def test_train_step_crops_labels_for_the_valid_unet():
   import functools
   import optax
   from segjax.losses import pixel_cross_entropy
+  from segjax.tasks import semantic, variables_of
   from segjax.training import steps
   from segjax.training.train_state import TrainState
   model = build_model("unet_valid", 3, {"width": 2, "depth": 2})
@@ -188,14 +189,16 @@ def test_train_step_crops_labels_for_the_valid_unet():
   tx = optax.sgd(0.1)
   state = TrainState.create(variables["params"], {}, tx)
   base = jax.random.key(3)
-  _, metrics = steps.train_step(state, {"image": images, "label": labels}, base, model=model,
-                                tx=tx, schedule=optax.constant_schedule(0.1), ignore_index=255)
+  objective = semantic.objective(model=model, ignore_index=255)
+  _, metrics = steps.train_step(state, {"image": images, "label": labels}, base,
+                                objective=objective, tx=tx,
+                                schedule=optax.constant_schedule(0.1))
   logits = model.apply({"params": variables["params"]}, images, train=True,
                        rngs={"dropout": jax.random.fold_in(base, 0)})
   assert logits.shape[1:3] == (20, 20)
   expected = pixel_cross_entropy(logits, labels[:, 20:40, 20:40], 255)
   np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
-  confusion, predictions = steps.eval_step(state, {"image": images, "label": labels},
-                                           jnp.zeros((3, 3), jnp.int32), model=model,
-                                           num_classes=3, ignore_index=255)
+  confusion, predictions = semantic.eval_step(variables_of(state),
+                                              {"image": images, "label": labels}, model=model,
+                                              num_classes=3, ignore_index=255)
   assert predictions.shape == (2, 20, 20) and int(confusion.sum()) == 2 * 20 * 20
