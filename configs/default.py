@@ -38,7 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
   # gradients as matmuls, depthwise convs as shifted multiply-adds) on the CPU only;
   # "patches" on every backend; "xla" never (segjax/layers/conv_lowering.py).
   config.model.conv_lowering = "auto"
-  # An .npz of encoder weights from `python -m segjax.convert` (e.g. ImageNet ResNet-50).
+  # Weights to start from ("" = random): a short name downloaded and converted once into
+  # $SEGJAX_CACHE (~/.cache/segjax): resnet50_v1c, resnet101_v1c (mmseg), resnet18/34/50/101,
+  # vgg16, vgg16_bn, mobilenet_v2 (torchvision ImageNet); an http(s)/file URL; a PyTorch
+  # checkpoint (append #arch=NAME if its file name does not say); or a converted .npz
+  # (segjax/convert/pretrained.py). Encoder weights go into the encoder, a whole converted
+  # model's modules into the model.
   config.model.init_from = ""
 
   config.data = ml_collections.ConfigDict()

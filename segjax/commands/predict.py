@@ -5,7 +5,6 @@ writes its files (semantic: <stem>.png of class ids + <stem>_overlay.jpg; instan
 <stem>.json COCO results + <stem>_instances.jpg; panoptic: <stem>.png COCO panoptic
 ids + one predictions.json).
 """
-import functools
 import glob
 import os
 from typing import List, Optional
@@ -43,13 +42,8 @@ def read_image(path: str) -> np.ndarray:
                      "non-image file?") from e
 
 
-def _single_images(config: ml_collections.ConfigDict, crf: bool) -> None:
-  """Batched evaluation becomes "whole" (it needs trained-size batches); `crf` turns the
-  dense CRF on."""
-  if config.inference.mode == "batched":
-    config.inference.mode = "whole"
-  if crf:
-    config.inference.crf.enabled = True
+def _crf_on(config: ml_collections.ConfigDict) -> None:
+  config.inference.crf.enabled = True
 
 
 def predict_files(checkpoint: str, input_path: str, output_dir: str,
@@ -59,7 +53,7 @@ def predict_files(checkpoint: str, input_path: str, output_dir: str,
   `config` is given; `crf` turns on the dense CRF refinement); returns the written
   paths."""
   files = image_files(input_path)
-  restored = restore(checkpoint, config, edit=functools.partial(_single_images, crf=crf))
+  restored = restore(checkpoint, config, edit=_crf_on if crf else None, for_prediction=True)
   config, task, dataset = restored.config, restored.task, restored.dataset
   predictor = task.predictor(config, dataset, restored.model, restored.variables)
   os.makedirs(output_dir, exist_ok=True)

@@ -71,18 +71,20 @@ def _abstract_variables(model, input_shape, mesh, config):
 
 def restore(checkpoint: str, config: Optional[ml_collections.ConfigDict] = None, *,
             open_dataset: bool = False,
-            edit: Optional[Callable[[ml_collections.ConfigDict], None]] = None) -> Restored:
+            edit: Optional[Callable[[ml_collections.ConfigDict], None]] = None,
+            for_prediction: bool = False) -> Restored:
   """The model of `checkpoint` (a segjax workdir, checkpoints folder, step folder, or a
   peer weights file for `config`'s architecture).
 
   `config` overrides the checkpoint's own (e.g. other inference settings; its model must
   be the checkpoint's); `edit(config)` changes a copy of the config used before it is
-  checked; `open_dataset` opens the config's dataset (to read a split).
+  checked; `open_dataset` opens the config's dataset (to read a split);
+  `for_prediction` takes the task's settings for labelling single images.
   """
   if config is not None and edit is not None:
     config = _edited(config, edit)
   if os.path.isfile(checkpoint) and checkpoint.endswith(WEIGHT_FILE_EXTENSIONS):
-    return _restore_weights_file(checkpoint, config, open_dataset)
+    return _restore_weights_file(checkpoint, config, open_dataset, for_prediction)
   record, step = checkpointing.read_record(checkpoint)
   if "config" in record and "dataset" in record:
     config = config or (_edited(saved_config(record), edit) if edit else saved_config(record))
@@ -102,6 +104,8 @@ def restore(checkpoint: str, config: Optional[ml_collections.ConfigDict] = None,
         task.data_ops(config, config.data.train_ops, dataset), ("image",))
     input_shape = (1,) + example["image"]
   task = get_task(config)
+  if for_prediction:
+    config = task.prediction_config(config)
   task.validate(config)
   mesh = sharding.create_mesh(config.mesh.axes)
   model = task.build_model(config, dataset)
@@ -113,7 +117,8 @@ def restore(checkpoint: str, config: Optional[ml_collections.ConfigDict] = None,
   return Restored(config, task, dataset, model, variables, step, mesh, shardings)
 
 
-def _restore_weights_file(path: str, config, open_dataset: bool) -> Restored:
+def _restore_weights_file(path: str, config, open_dataset: bool,
+                          for_prediction: bool) -> Restored:
   """A peer's (or a converted) weights file, loaded into the config's model."""
   from segjax.convert import load_peer_checkpoint
   if config is None:
@@ -122,6 +127,8 @@ def _restore_weights_file(path: str, config, open_dataset: bool) -> Restored:
   dataset = (get_dataset(config.data.name, config.data.data_dir, config.data.manual_dir)
              if open_dataset else dataset_classes(config.data.name))
   task = get_task(config)
+  if for_prediction:
+    config = task.prediction_config(config)
   task.validate(config)
   mesh = sharding.create_mesh(config.mesh.axes)
   model = task.build_model(config, dataset)

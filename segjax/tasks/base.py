@@ -163,6 +163,10 @@ class Task(abc.ABC):
       raise ValueError(f"{self.name} model {config.model.name!r} does not use "
                        f"{', '.join(ignored)}; remove the setting(s), which would be ignored.")
 
+  def prediction_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config predict.py labels single images with (this one, by default)."""
+    return config
+
   def ignored_settings(self, config: ml_collections.ConfigDict) -> List[str]:
     """Settings (dotted keys with their values) the config makes that this task ignores."""
     del config

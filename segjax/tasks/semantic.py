@@ -242,6 +242,15 @@ class SemanticTask(Task):
       raise ValueError("The dense CRF (--crf, inference.crf) refines one image at a time; "
                        "add --config.inference.mode=whole (or slide).")
 
+  def prediction_config(self, config):
+    """"batched" evaluation needs trained-size batches: single images run "whole"."""
+    if config.inference.mode != "batched":
+      return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.inference.mode = "whole"
+    return config
+
   def objective(self, config, model, dataset) -> Objective:
     class_weights = tuple(config.loss.class_weights) or None
     if class_weights and len(class_weights) != dataset.num_classes:

@@ -15,6 +15,7 @@ is restored; one written by a different model is refused with a sentence saying
 so instead of failing deep inside the restore. Evaluation and prediction restore
 only the parameters and BatchNorm statistics (`restore_variables`).
 """
+import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -97,7 +98,18 @@ def _step_directory(path: str) -> Tuple[str, Optional[int]]:
   return path, step
 
 
+class _QuietReadOnly(logging.Filter):
+  """Drops orbax's warnings that a read-only manager is read-only (it is asked to be: eval
+  and predict must never write into a user's checkpoints)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return "read_only=True" not in message and "is read only" not in message
+
+
 def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  if not any(isinstance(f, _QuietReadOnly) for f in logging.getLogger("absl").filters):
+    logging.getLogger("absl").addFilter(_QuietReadOnly())
   return ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
       item_handlers={"state": ocp.PyTreeCheckpointHandler(),

@@ -1,12 +1,13 @@
-"""Loading converted weights (`python -m segjax.convert`) into a fresh train state:
-a whole converted model's modules, or ImageNet encoder weights into the encoder."""
-import os
-from typing import Any, Mapping, Tuple
+"""`model.init_from` into a fresh train state: a whole converted model's modules, or
+ImageNet encoder weights into the encoder. The value is a converted .npz, a PyTorch
+checkpoint, a URL or a short name (resnet50_v1c, ...), resolved by
+`segjax.convert.resolve_init_from` (downloaded once into $SEGJAX_CACHE, checksummed)."""
+from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from segjax.convert import load_variables
+from segjax.convert import load_variables, resolve_init_from
 
 
 def _subtree(tree, path):
@@ -23,18 +24,18 @@ def _replace_subtree(tree, path, value):
   return tree
 
 
-def load_pretrained(state: Any, tx, path: str, state_shardings,
-                    encoder_path: Tuple[str, ...] = ("backbone",)) -> Any:
-  """Loads a converted checkpoint (`python -m segjax.convert`) into the state.
+def load_pretrained(state: Any, tx, init_from: str, state_shardings,
+                    encoder_path: Tuple[str, ...] = ("backbone",),
+                    arch: Optional[str] = None) -> Any:
+  """Loads the weights `init_from` names into the state (`arch`: the converter of a
+  PyTorch file whose name does not say, e.g. the model's backbone).
 
   A file whose top-level modules are all modules of this model (a whole converted
   detector, e.g. torchvision's maskrcnn_resnet50_fpn) replaces those modules; any
   other file is encoder weights (e.g. ImageNet ResNet-50) for the subtree at
   `encoder_path` (the model's `pretrained_path`).
   """
-  if not os.path.exists(path):
-    raise ValueError(f"model.init_from file {path} does not exist; convert PyTorch weights "
-                     "with `python -m segjax.convert`.")
+  path = resolve_init_from(init_from, arch)
   pretrained = load_variables(path)
   ours = {"params": dict(state.params), "batch_stats": dict(state.batch_stats)}
   theirs = {k: dict(pretrained.get(k, {})) for k in ours}

@@ -41,7 +41,8 @@ def create_train_state(model, tx, rng: jax.Array, input_shape: Tuple[int, ...], 
   state = jax.jit(init, out_shardings=state_shardings)(rng)
   if init_from:
     state = pretrained.load_pretrained(state, tx, init_from, state_shardings,
-                                       getattr(model, "pretrained_path", ("backbone",)))
+                                       getattr(model, "pretrained_path", ("backbone",)),
+                                       arch=getattr(model, "backbone", None))
   return state, state_shardings
 
 

@@ -21,6 +21,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from segjax.convert import resolve_init_from
 from segjax.data import pipeline
 from segjax.data.sources import get_dataset
 from segjax.tasks import get_task, variables_of
@@ -42,6 +43,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   task.validate(config)
   mesh = sharding.create_mesh(config.mesh.axes)
   options = steps.step_options(config, mesh)
+  # Pretrained weights first: a failed download stops the run before any data is prepared.
+  init_from = config.model.init_from and resolve_init_from(
+      config.model.init_from, config.model.options.get("backbone"))
   dataset = get_dataset(config.data.name, config.data.data_dir, config.data.manual_dir)
   param_rules = sharding.param_rules(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)
@@ -57,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   input_shape = (1,) + example["image"]
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state, state_shardings = create_train_state(model, tx, init_rng, input_shape, mesh,
-                                              param_rules, config.model.init_from)
+                                              param_rules, init_from)
   evaluator = task.evaluator(config, dataset, model,
                              variable_shardings=variables_of(state_shardings),
                              batch_sharding=batch_sharding, progress=False)
