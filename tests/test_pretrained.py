@@ -10,6 +10,9 @@ import hashlib
 import http.server
 import io
 import os
+import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import ClassVar
@@ -20,6 +23,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from configs import pspnet_ade20k
 from segjax.backbones import MobileNetV2, ResNet
 from segjax.convert import CONVERTERS, load_variables, pretrained, save_variables
 from segjax.convert.pretrained import Pretrained, PretrainedWeightsError, resolve_init_from
@@ -331,3 +335,26 @@ def test_unwritable_cache_is_named(tmp_path, monkeypatch):
 def test_bad_values(value, message, cache):
   with pytest.raises(ValueError, match=message):
     resolve_init_from(value)
+
+
+def test_train_py_offline_stops_naming_the_url_and_path_before_reading_data(tmp_path):
+  """The design card's command, with no network: one sentence naming the URL of the
+  recipe's ImageNet encoder and where to put the file, before any dataset is touched."""
+  assert pspnet_ade20k.get_config().model.init_from == "resnet50_v1c"
+  with socket.socket() as s:  # a port nothing listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, SEGJAX_CACHE=str(tmp_path / "cache"),
+             SEGJAX_PRETRAINED_BASE_URL=f"http://127.0.0.1:{port}",
+             TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  run = subprocess.run([sys.executable, os.path.join(repo, "train.py"),
+                        "--config=configs/pspnet_ade20k.py", f"--workdir={tmp_path / 'run'}"],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1
+  errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+  url = f"http://127.0.0.1:{port}/resnet50_v1c-2cccc1ad.pth"
+  path = tmp_path / "cache" / "pretrained" / "resnet50_v1c-2cccc1ad.pth"
+  assert f"Could not download {url}" in errors[0] and f"put it at {path}" in errors[0]
+  assert not (tmp_path / "tfds").exists() and not path.exists()
