@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import unet_shapes
 from segjax.layers import norm
 from segjax.models import build_model
-from segjax.training import optimizers, sharding, steps, trainer
+from segjax.tasks import semantic
+from segjax.training import optimizers, sharding, steps, train_state, trainer
 
 
 def _sgd(lr=0.05, **extra):
@@ -31,11 +32,12 @@ def _train(model, batch, rules=(), num_steps=2, optimizer=None, **step_options):
   """Trains on 8 devices; returns (host state, last metrics, compiled step)."""
   mesh = sharding.create_mesh((("data", -1),))
   tx, schedule = optimizers.create_optimizer(optimizer or _sgd(), total_steps=10)
-  state, state_sh = trainer.create_train_state(
+  state, state_sh = train_state.create_train_state(
       model, tx, jax.random.key(0), (1,) + batch["image"].shape[1:], mesh, rules)
   batch_sh, repl = sharding.batch_sharding(mesh, ("data",)), NamedSharding(mesh, P())
-  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                                   ignore_index=255, **step_options),
+  step = jax.jit(functools.partial(steps.train_step,
+                                   objective=semantic.objective(model=model, ignore_index=255),
+                                   tx=tx, schedule=schedule, **step_options),
                  in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl))
   batch = jax.device_put(batch, batch_sh)
   compiled = step.lower(state, batch, jax.random.key(1)).compile()
@@ -161,11 +163,11 @@ def test_per_device_batch_norm_trains_differently_from_sync():
   config = unet_shapes.get_config("smoke")
   config.unlock()
   config.model.batch_norm = "per_device"
-  options = trainer.step_options(config, sharding.create_mesh((("data", -1),)))
+  options = steps.step_options(config, sharding.create_mesh((("data", -1),)))
   assert options["bn_groups"] == 8
   config.optimizer.accumulation_steps = 3
   with pytest.raises(ValueError, match="multiple of optimizer.accumulation_steps"):
-    trainer.step_options(config, sharding.create_mesh((("data", -1),)))
+    steps.step_options(config, sharding.create_mesh((("data", -1),)))
 
 
 def test_remat_keeps_gradients():
@@ -185,10 +187,11 @@ def test_remat_keeps_gradients():
 
 def _step_jaxpr(model, batch, **options):
   tx, schedule = optimizers.create_optimizer(_sgd(), total_steps=10)
-  state = jax.eval_shape(lambda: trainer._state_initializer(
+  state = jax.eval_shape(lambda: train_state._initializer(
       model, tx, (1,) + batch["image"].shape[1:])(jax.random.key(0)))
-  step = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                           ignore_index=255, **options)
+  step = functools.partial(steps.train_step,
+                           objective=semantic.objective(model=model, ignore_index=255),
+                           tx=tx, schedule=schedule, **options)
   return str(jax.make_jaxpr(step)(state, batch, jax.random.key(1)))
 
 

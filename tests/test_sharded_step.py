@@ -8,8 +8,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segjax.models import build_model
+from segjax.tasks import semantic
 from segjax.training import optimizers, sharding, steps
-from segjax.training.trainer import create_train_state
+from segjax.training.train_state import create_train_state
 
 
 def _optimizer():
@@ -28,8 +29,9 @@ def _run(devices, batch, num_steps=2, param_rules=()):
                                        param_rules)
   batch_sh = sharding.batch_sharding(mesh, ("data",))
   repl = NamedSharding(mesh, P())
-  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                                   ignore_index=255),
+  step = jax.jit(functools.partial(steps.train_step,
+                                   objective=semantic.objective(model=model, ignore_index=255),
+                                   tx=tx, schedule=schedule),
                  in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                  donate_argnums=(0,))
   batch = jax.device_put(batch, batch_sh)
