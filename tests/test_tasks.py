@@ -105,8 +105,8 @@ def test_restore_needs_no_dataset_and_no_optimizer_state(trained):
   assert set(restored.variables) == {"params", "batch_stats"}
   full = trainer.train_and_evaluate(_smoke(panoptic_fpn_shapes, data_dir),
                                     workdirs["panoptic"])["state"]  # resumes, trained already
-  for ours, theirs in zip(jax.tree.leaves(restored.variables),
-                          jax.tree.leaves((full.params, full.batch_stats))):
+  for ours, theirs in zip(jax.tree.leaves(restored.variables), jax.tree.leaves(
+      {"params": full.params, "batch_stats": full.batch_stats})):
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
