@@ -9,6 +9,7 @@ from configs import unet_shapes
 from segjax.inference import per_image
 from segjax.inference.semantic import SemanticPredictor
 from segjax.models import build_model
+from segjax.tasks import get_task
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
@@ -53,3 +54,11 @@ def test_crf_options_from_the_config():
   assert options["window"] == 10 and "enabled" not in options
   config.inference.crf.window = 0
   assert per_image.crf_options(config)["window"] is None  # exact filtering
+
+
+def test_batched_evaluation_refuses_the_crf():
+  config = unet_shapes.get_config()
+  config.inference.crf.enabled = True
+  assert config.inference.mode == "batched"
+  with pytest.raises(ValueError, match="refines one image at a time.*inference.mode=whole"):
+    get_task(config).validate(config)

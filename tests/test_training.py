@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import unet_shapes
+from segjax.tasks import get_task
 from segjax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,8 +135,8 @@ def test_out_of_range_label_is_reported(data_dir):
   from segjax.data import transforms
   config = _config(data_dir)
   spec = trainer.get_dataset(config.data.name, config.data.data_dir)
-  pipeline = transforms.parse_pipeline(
-      trainer.data_ops(config, "", spec).replace("num_classes=7", "num_classes=5"))
+  ops = get_task(config).data_ops(config, "", spec).spec
+  pipeline = transforms.parse_pipeline(ops.replace("num_classes=7", "num_classes=5"))
   with pytest.raises(ValueError, match=r"neither a class id in \[0, 5\) nor the ignore index"):
     for record in spec.source("train[:20]"):
       pipeline(record, np.random.default_rng(0))
