@@ -18,6 +18,7 @@ from configs import fasterrcnn_coco, maskrcnn_coco, maskrcnn_shapes
 from segjax.convert import load_variables, save_variables
 from segjax.models.mask_rcnn import LOSS_NAMES, MaskRCNN
 from segjax.ops.targets import RoiTargets
+from segjax.tasks import instance
 from segjax.training import steps
 from segjax.training.train_state import TrainState
 from segjax.training import trainer
@@ -63,8 +64,9 @@ def variables():
 def test_train_step_runs_with_no_and_with_all_instances(variables, count):
   model, tx = _model(), optax.sgd(0.01)
   state = TrainState.create(variables["params"], variables["batch_stats"], tx)
-  step = jax.jit(lambda s, b, r: steps.detection_train_step(
-      s, b, r, model=model, tx=tx, schedule=lambda _: 0.01))
+  step = jax.jit(lambda s, b, r: steps.train_step(
+      s, b, r, objective=instance.objective(model=model, loss_weights={}), tx=tx,
+      schedule=lambda _: 0.01))
   batch = {"image": _images(), **_targets(2, count)}
   new_state, metrics = step(state, batch, jax.random.key(2))
   for name in LOSS_NAMES:
