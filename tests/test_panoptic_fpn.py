@@ -99,7 +99,8 @@ def test_eval_command_reproduces_training_pq(trained, tmp_path):
 def test_predictions_are_read_by_pq_compute(trained, tmp_path):
   """predict's PNG + JSON, scored by pq_compute against the split's annotations written in
   the COCO panoptic format, give the PQ of the in-memory evaluation of the same images."""
-  from segjax.inference import commands
+  from segjax.commands.evaluate import evaluate_checkpoint
+  from segjax.commands.predict import predict_files
   data_dir, workdir, _ = trained
   config = _config(data_dir, "validation[:4]")
   dataset = get_dataset("segjax_shapes", data_dir)
@@ -121,12 +122,12 @@ def test_predictions_are_read_by_pq_compute(trained, tmp_path):
                 for c, n in enumerate(shapes.CLASS_NAMES)]
   with open(tmp_path / "gt.json", "w") as f:
     json.dump({"annotations": annotations, "categories": categories}, f)
-  written = commands.predict_files(config, workdir, str(images), str(tmp_path / "pred"))
+  written = predict_files(workdir, str(images), str(tmp_path / "pred"), config)
   assert os.path.join(str(tmp_path / "pred"), "predictions.json") in written
   png = np.asarray(Image.open(tmp_path / "pred" / "0.png"))
   assert png.shape == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3)
   assert (id_to_rgb(rgb_to_id(png)) == png).all()
   from_files = pq_compute(str(tmp_path / "gt.json"), str(tmp_path / "pred" / "predictions.json"),
                           str(gt_dir), str(tmp_path / "pred"))
-  in_memory = commands.evaluate_checkpoint(config, workdir)
+  in_memory, _ = evaluate_checkpoint(config, workdir)
   np.testing.assert_allclose(from_files["All"]["pq"], in_memory["PQ"], rtol=1e-9)
