@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from configs import unet_shapes
-from segjax.data import pipeline
+from segjax.commands.restore import restore
 from segjax.data.sources import get_dataset
-from segjax.training import checkpointing, distributed, optimizers, sharding, trainer
+from segjax.training import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Short runs: checkpoints at steps 2 and 4, one small evaluation at the end. SGD:
@@ -89,19 +89,14 @@ def _train(processes, workdir, data_dir, steps, extra=()):
 
 
 def _restore(workdir, data_dir):
+  """(parameters and BatchNorm statistics, step) of a checkpoint, which must be the
+  smoke config's model."""
   config = unet_shapes.get_config("smoke")
   config.unlock()
   config.optimizer.name = "sgd"
-  dataset = get_dataset(config.data.name, data_dir)
-  model = trainer.build(config, dataset)
-  mesh = sharding.create_mesh(config.mesh.axes)
-  tx, _ = optimizers.create_optimizer(config.optimizer, config.total_steps)
-  example = pipeline.example_shapes(dataset.source("train"), trainer.data_ops(
-      config, config.data.train_ops, dataset), ("image",))
-  abstract, _ = trainer.abstract_train_state(model, tx, (1,) + example["image"], mesh, ())
-  record = checkpointing.model_record(config.model.name, model.num_classes, abstract.params)
-  state, step = checkpointing.restore_state(str(workdir), abstract, record)
-  return jax.device_get(state), step
+  config.data.data_dir = data_dir
+  restored = restore(str(workdir), config)
+  return jax.device_get(restored.variables), restored.step
 
 
 def _norm(tree):
@@ -112,8 +107,8 @@ def _relative_difference(a, b, earlier):
   """||a - b|| over parameters and BatchNorm statistics, relative to how far b moved
   since `earlier`. Cross-process sums add in another order than in-process ones:
   round-off (1e-7) that BatchNorm on this tiny network amplifies over steps."""
-  diff = lambda x, y: jax.tree.map(np.subtract, (x.params, x.batch_stats),
-                                   (y.params, y.batch_stats))
+  diff = lambda x, y: jax.tree.map(np.subtract, (x["params"], x["batch_stats"]),
+                                   (y["params"], y["batch_stats"]))
   return _norm(diff(a, b)) / _norm(diff(b, earlier))
 
 
