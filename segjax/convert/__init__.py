@@ -4,7 +4,10 @@
 
 Reads .pth/.pt (with torch installed), .safetensors or .npz; writes an .npz of
 '/'-joined variable paths that `load_variables` reads back. Each converter
-module registers its architectures in `CONVERTERS`.
+module registers its architectures in `CONVERTERS`; whole mmsegmentation
+segmentors go by their config names (`--arch pspnet_r50-d8`, deeplabv3_r50-d8,
+deeplabv3plus_r50-d8, fcn_r50-d8 and the r101-d8 ones; segjax/convert/mmseg.py).
+`load_peer_checkpoint(path, model)` loads such a checkpoint into a model you built.
 """
 import argparse
 import sys
@@ -17,10 +20,12 @@ from segjax.convert.common import (CONVERTERS, convert_state_dict, load_variable
 from segjax.convert.fpn import torch_resnet_fpn_to_flax
 from segjax.convert.resnet import torch_resnet_to_flax, torch_segmentation_to_flax
 import segjax.convert.mask_rcnn  # noqa: F401
+from segjax.convert.mmseg import load_peer_checkpoint, mmseg_to_flax
 import segjax.convert.mobilenet_v2  # noqa: F401
 import segjax.convert.vgg  # noqa: F401
 
-__all__ = ["CONVERTERS", "convert_state_dict", "load_variables", "main", "read_state_dict",
+__all__ = ["CONVERTERS", "convert_state_dict", "load_peer_checkpoint", "load_variables", "main",
+           "mmseg_to_flax", "read_state_dict",
            "save_variables", "torch_resnet_fpn_to_flax", "torch_resnet_to_flax",
            "torch_segmentation_to_flax"]
 
