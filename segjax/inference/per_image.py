@@ -27,7 +27,8 @@ def make_predictor(config: ml_collections.ConfigDict, model, state,
       model, variables, num_classes, mean=tuple(config.data.mean), std=tuple(config.data.std),
       mode=inference.mode, scale=scale, window=tuple(inference.window),
       stride=tuple(inference.stride), window_batch=inference.window_batch,
-      scales=tuple(inference.scales), flip=inference.flip, crf=crf_options(config))
+      scales=tuple(inference.scales), flip=inference.flip, crf=crf_options(config),
+      exact_shapes=bool(inference.get("exact_shapes", False)))
 
 
 def crf_options(config: ml_collections.ConfigDict):
