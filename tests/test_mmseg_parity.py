@@ -267,7 +267,7 @@ def _agreement(mm, config, model, variables, image, tmp_path, scale, **slide):
   assert ours.shape == ref.shape == image.shape[:2]
   # Random weights still label photographs by their content: several classes, none all over.
   counts = np.bincount(ref.ravel(), minlength=model.num_classes) / ref.size
-  assert (counts > 0.005).sum() >= 3 and counts.max() < 0.9, np.sort(counts)[-5:]
+  assert (counts > 0.005).sum() >= 3 and counts.max() < 0.95, np.sort(counts)[-5:]
   return float((ours == ref).mean())
 
 
@@ -280,7 +280,7 @@ def test_whole_image_labels_at_the_config_scale(mmseg, tmp_path):
 
 @pytest.mark.parametrize("name, photo, size, scale", [
     ("fcn_ade20k", "astronaut", None, (256, 192)),  # 512x512 -> 192x192
-    ("deeplabv3plus_ade20k", "rocket", (700, 1050), (512, 256)),  # 700x1050 -> 256x384
+    ("pspnet_ade20k", "rocket", (700, 1050), (512, 256)),  # 700x1050 -> 256x384
 ])
 def test_whole_image_labels_of_shrunk_photos(mmseg, tmp_path, name, photo, size, scale):
   mm, config, model, variables = _cached_build(name)
@@ -294,3 +294,156 @@ def test_slide_inference_labels(mmseg, tmp_path):
   mm, config, model, variables = _cached_build("fcn_ade20k")
   assert _agreement(mm, config, model, variables, _photo("rocket"), tmp_path, (512, 256),
                     crop_size=(288, 288), stride=(192, 192)) >= 0.995
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_iou_metric_equals_mmseg(mmseg):
+  """The same predictions scored by mmseg's IoUMetric and by segjax's confusion matrix."""
+  import torch
+  from mmseg.evaluation import IoUMetric
+  from segjax.metrics import confusion_matrix, segmentation_metrics
+  num_classes, rng = 6, np.random.default_rng(0)
+  metric = IoUMetric(ignore_index=255, iou_metrics=["mIoU", "mDice", "mFscore"])
+  metric.dataset_meta = {"classes": [f"c{i}" for i in range(num_classes)]}
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  for shape in ((40, 60), (33, 47), (64, 64)):
+    labels = rng.integers(0, num_classes - 1, shape)  # class 5 is never labelled
+    labels[rng.random(shape) < 0.1] = 255
+    predictions = np.where(rng.random(shape) < 0.6, labels % num_classes,
+                           rng.integers(0, num_classes, shape))
+    predictions[labels == 255] = rng.integers(0, num_classes, (labels == 255).sum())
+    metric.process({}, [{"pred_sem_seg": {"data": torch.as_tensor(predictions)[None]},
+                         "gt_sem_seg": {"data": torch.as_tensor(labels)[None]}}])
+    confusion += np.asarray(confusion_matrix(jnp.asarray(predictions), jnp.asarray(labels),
+                                             num_classes, 255))
+  intersect, union, pred_area, label_area = (sum(r[i] for r in metric.results) for i in range(4))
+  np.testing.assert_array_equal(np.diag(confusion), intersect.numpy())
+  np.testing.assert_array_equal(confusion.sum(0) + confusion.sum(1) - np.diag(confusion),
+                                union.numpy())
+  np.testing.assert_array_equal(confusion.sum(0), pred_area.numpy())
+  np.testing.assert_array_equal(confusion.sum(1), label_area.numpy())
+  ref = IoUMetric.total_area_to_metrics(intersect, union, pred_area, label_area,
+                                        ["mIoU", "mDice", "mFscore"])
+  ours = segmentation_metrics(confusion)
+  for key in ("IoU", "Acc", "Dice", "Fscore", "Precision", "Recall"):
+    np.testing.assert_allclose(ours[key], np.asarray(ref[key], np.float64), rtol=1e-6)
+  np.testing.assert_allclose(ours["aAcc"], float(ref["aAcc"]), rtol=1e-6)
+  summary = metric.compute_metrics(metric.results)  # mmseg's reported numbers: % to 2 places
+  for key in ("aAcc", "mIoU", "mAcc", "mDice", "mFscore", "mPrecision", "mRecall"):
+    # The same two-decimal figure (mmseg's is float32, hence the float32 comparison).
+    assert np.float32(summary[key]) == np.float32(np.round(ours[key] * 100, 2)), key
+
+
+# ---------------------------------------------------------------------------- transforms
+
+
+class _Draws:
+  """A stand-in for the np.random.Generator segjax's ops take, returning scripted draws."""
+
+  def __init__(self, uniforms=(), integers=(), randoms=()):
+    self._uniforms, self._integers, self._randoms = (list(uniforms), list(integers),
+                                                     list(randoms))
+
+  def uniform(self, low, high):
+    return self._uniforms.pop(0) * (high - low) + low  # mmcv's ratio formula
+
+  def integers(self, low, high):
+    value = self._integers.pop(0)
+    assert low <= value < high
+    return value
+
+  def random(self):
+    return self._randoms.pop(0)
+
+
+def _example(h, w, seed=0, dominant=None):
+  rng = np.random.default_rng(seed)
+  image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+  label = rng.integers(0, 5, (h, w)).astype(np.uint8)
+  if dominant is not None:  # one class over most of the top-left, for cat_max_ratio retries
+    label[:dominant[0], :dominant[1]] = 3
+  return image, label
+
+
+def _op(spec):
+  from segjax.data import transforms
+  return transforms.parse_pipeline(spec)
+
+
+@pytest.mark.parametrize("u", [0.0, 0.37, 0.999])
+def test_random_resize_scale_and_image_equal_mmseg(mmseg, monkeypatch, u):
+  """mmcv's RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True) and
+  segjax's random_resize with the same ratio draw: the same target size and image.
+  (Labels differ by design: mmcv resizes them with cv2.INTER_NEAREST, whose samples sit
+  half a pixel off the image's; segjax samples at the image's pixel centres.)"""
+  from mmcv.transforms import RandomResize
+  image, label = _example(375, 500)
+  monkeypatch.setattr(np.random, "random_sample", lambda *a: u)
+  ref = RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True)(
+      {"img": image, "gt_seg_map": label, "img_shape": image.shape[:2]})
+  ours = _op("random_resize(scale=(2048, 512), ratio_range=(0.5, 2.0))")(
+      {"image": image, "label": label}, _Draws(uniforms=[u]))
+  assert ours["image"].shape == ref["img"].shape and ours["label"].shape == ref["gt_seg_map"].shape
+  np.testing.assert_array_equal(ours["image"], ref["img"])
+
+
+def test_test_resize_equals_mmseg(mmseg):
+  """mmcv's Resize(scale, keep_ratio=True) of the test pipelines, image sizes and pixels."""
+  from mmcv.transforms import Resize
+  from segjax.inference.semantic import resized_size
+  for (h, w), scale in [((375, 500), (2048, 512)), ((1024, 2048), (2048, 1024)),
+                        ((700, 1050), (512, 256)), ((333, 1999), (2048, 512))]:
+    image, _ = _example(h, w)
+    ref = Resize(scale=scale, keep_ratio=True)({"img": image})["img"]
+    assert resized_size(h, w, scale) == ref.shape[:2]
+    ours = _op(f"resize(scale={scale}, resize_labels=False)")({"image": image}, None)["image"]
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_random_crop_with_cat_max_ratio_retries_equals_mmseg(mmseg, monkeypatch):
+  """mmseg's RandomCrop(crop_size, cat_max_ratio=0.75) and segjax's random_crop given the
+  same offset draws: the same rejected windows and the same final crop."""
+  from mmseg.datasets.transforms import RandomCrop
+  image, label = _example(300, 400, dominant=(250, 330))
+  # (y, x) offsets: the first three fall in the one-class corner and are rejected.
+  offsets = [(0, 0), (10, 20), (30, 5), (172, 240)]
+  for cat_max_ratio, expected in ((0.75, offsets[3]), (1.0, offsets[0])):
+    draws = [v for yx in offsets for v in yx]
+    script = iter(draws)
+    monkeypatch.setattr(np.random, "randint", lambda low, high: next(script))
+    ref = RandomCrop(crop_size=(128, 160), cat_max_ratio=cat_max_ratio)(
+        {"img": image, "gt_seg_map": label, "seg_fields": ["gt_seg_map"],
+         "img_shape": image.shape[:2]})
+    ours = _op(f"random_crop(size=(128, 160), cat_max_ratio={cat_max_ratio})")(
+        {"image": image, "label": label}, _Draws(integers=draws))
+    y, x = expected
+    np.testing.assert_array_equal(ref["img"], image[y:y + 128, x:x + 160])
+    np.testing.assert_array_equal(ours["image"], ref["img"])
+    np.testing.assert_array_equal(ours["label"], ref["gt_seg_map"])
+
+
+def test_flip_and_label_padding_equal_mmseg(mmseg):
+  """RandomFlip(prob=1) flips image and labels alike; mmseg's data preprocessor pads the
+  batch bottom/right to the crop size, labels with 255, as segjax's pad op does."""
+  import torch
+  from mmcv.transforms import RandomFlip
+  from mmseg.models.utils import stack_batch
+  from mmseg.structures import SegDataSample
+  from mmengine.structures import PixelData
+  image, label = _example(90, 120)
+  ref = RandomFlip(prob=1.0)({"img": image, "gt_seg_map": label, "seg_fields": ["gt_seg_map"],
+                              "img_shape": image.shape[:2]})
+  ours = _op("random_flip(prob=1.0)")({"image": image, "label": label}, _Draws(randoms=[0.5]))
+  np.testing.assert_array_equal(ours["image"], ref["img"])
+  np.testing.assert_array_equal(ours["label"], ref["gt_seg_map"])
+
+  sample = SegDataSample(gt_sem_seg=PixelData(data=torch.as_tensor(label)[None]))
+  inputs = torch.as_tensor(image).permute(2, 0, 1).float()
+  padded, (sample,) = stack_batch([inputs], [sample], size=(128, 160), pad_val=0,
+                                  seg_pad_val=255)
+  ours = _op("pad(size=(128, 160))")({"image": image, "label": label}, None)
+  np.testing.assert_array_equal(ours["label"], sample.gt_sem_seg.data[0].numpy())
+  assert padded.shape[2:] == ours["image"].shape[:2]
+  np.testing.assert_array_equal(ours["image"][:90, :120], padded[0].permute(1, 2, 0).numpy())
