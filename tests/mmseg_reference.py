@@ -16,6 +16,7 @@ finds a config shipped inside the mmseg package; `randomize_batch_norms` gives
 a model random BatchNorm parameters and running statistics (so none is an
 identity) and puts it in eval mode.
 """
+import importlib
 import os
 import sys
 import types
@@ -59,9 +60,12 @@ def import_mmseg():
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # mmcv-lite warns that its deformable attention is absent
     mmseg = pytest.importorskip("mmseg")
-    import mmseg.apis  # noqa: F401
-    import mmseg.evaluation  # noqa: F401
-    import mmseg.datasets  # noqa: F401
+    for part in ("apis", "evaluation", "datasets"):
+      importlib.import_module(f"mmseg.{part}")
+  # Transforms are built in mmseg's registry scope, as its pipelines build them (mmcv's
+  # RandomResize then resizes with mmseg's Resize, which handles `seg_fields`).
+  from mmengine.registry import init_default_scope
+  init_default_scope("mmseg")
   return mmseg
 
 

@@ -18,7 +18,7 @@ mmseg's layouts (conv weights OIHW -> HWIO; a ConvModule's `conv` / `bn` ->
     decode_head.bottleneck.*                  -> decode_head/bottleneck/*
     decode_head.c1_bottleneck.*               -> decode_head/c1_bottleneck/*   (v3+)
     decode_head.sep_bottleneck.{i}.{depthwise,pointwise}_conv.*
-                                              -> decode_head/sep_bottleneck{i}/{depthwise,pointwise}/*
+        -> decode_head/sep_bottleneck{i}/{depthwise,pointwise}/*
     decode_head.conv_seg                      -> decode_head/classifier
   fcn_mmseg (FCNHead, concat_input)
     decode_head.convs.{i}.*                   -> head/conv{i}/*
