@@ -1,5 +1,6 @@
 """FCN (Long et al., 2015): FCN-32s, FCN-16s and FCN-8s on VGG-16, and the FCN
-head on a dilated ResNet.
+head on a dilated ResNet, in torchvision's layout (`fcn_resnet`) and in
+mmsegmentation's (`fcn_mmseg`: two convs and the input concatenated).
 
 FCN-VGG: fc6 (7x7) and fc7 (1x1) as convolutions, each with ReLU and dropout
 0.5; 1x1 class scores on fc7 (`score_fr`) and, for 16s / 8s, on pool4 and then
