@@ -41,6 +41,8 @@ CASES = {
     "data_pipeline": ("ADE20K input pipeline: grain against PyTorch's DataLoader",
                       ["data_pipeline.py", "--images", "48", "--batches", "8", "--workers",
                        "0", "2", "--no-train-step"]),
+    "mmseg_inference": ("Whole-image inference: PSPNet-R50 ADE20K against mmsegmentation",
+                        ["mmseg_inference.py", "--photos", "coffee,astronaut", "--repeats", "3"]),
     "sliding_window": ("Sliding-window inference of a 1024x2048 image",
                        ["sliding_window.py", "--sizes", "1024x2048", "--window-batch", "1,4",
                         "--repeats", "2"]),

@@ -123,6 +123,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.inference.scales = (1.0,)  # test-time augmentation: ratios of `scale`
   config.inference.flip = False  # test-time augmentation: add horizontal flips
   config.inference.label_ops = ""  # whole/slide: ops on the label only, e.g. reduce_zero_label
+  # whole/slide: run the model on exactly the resized image / windows clipped to it, as
+  # mmseg does (no padding; one compilation per distinct shape), so predictions are mmseg's.
+  config.inference.exact_shapes = False
   # Dense CRF refinement of whole/slide predictions (segjax/classical/crf.py; DeepLab's
   # post-processing), also `--crf` of eval.py and predict.py. window > 0: the local
   # approximation with that radius over stride x stride cells; 0: exact (small images).

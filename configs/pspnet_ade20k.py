@@ -1,12 +1,19 @@
-"""PSPNet R50-D8 on ADE20K, 512x512, 80k iterations: mmsegmentation's recipe.
+"""PSPNet R50-D8 on ADE20K, 512x512, 80k iterations: mmsegmentation's
+pspnet_r50-d8_4xb4-80k_ade20k-512x512, model and recipe.
 
-Backbone ResNet-50 v1c (deep stem), output stride 8 (dilations 1,1,2,4), sync
-BatchNorm, pyramid pooling bins (1, 2, 3, 6) to 512 channels with dropout 0.1,
-auxiliary FCN head on stage 3 with loss weight 0.4; SGD lr 0.01, momentum 0.9,
-weight decay 5e-4, poly power 0.9 to 1e-4; batch 16. The data recipe (label 0
--> ignore, random resize of (2048, 512) by 0.5-2.0, 512x512 crop with
-cat_max_ratio 0.75, flip, photometric distortion, pad; at test time resize to
-(2048, 512) keeping the ratio and score at the original size) is in the ops below.
+Model (mmseg's layout exactly, so its checkpoints load with
+`segjax.convert.load_peer_checkpoint`; tests/test_mmseg_parity.py): ResNet-50
+v1c (deep stem), output stride 8 (dilations 1, 1, 2, 4, contract_dilation),
+sync BatchNorm, PSPHead (pyramid pooling bins 1, 2, 3, 6 to 512 channels, 3x3
+bottleneck, Dropout2d 0.1, classifier), auxiliary FCNHead on stage 3 (256
+channels) with loss weight 0.4; the backbone starts from ImageNet ResNet-50 v1c
+(`model.init_from`). Recipe: SGD lr 0.01, momentum 0.9, weight decay 5e-4, poly
+power 0.9 to 1e-4; batch 16. Data: label 0 -> ignore, random resize of (2048,
+512) by 0.5-2.0, 512x512 crop with cat_max_ratio 0.75, flip, photometric
+distortion, pad. Test: mmseg's whole-image inference exactly (`inference.mode`
+"whole", `exact_shapes`): resize keeping the ratio to (2048, 512), logits
+resized back to each image's original size. `data.eval_ops` is the batched
+(padded, not mmseg-exact) alternative for `--config.inference.mode=batched`.
 
 Variants: `` (the full recipe; needs ADE20K), `160k`, and `smoke`: the same
 PSPNet scaled down (ResNet-18 layout at width 8, 16-channel PPM branches) on the
@@ -26,6 +33,7 @@ def get_config(variant: str = ""):
   config.model.options.head_channels = 512
   config.model.options.dropout = 0.1
   config.model.options.aux_channels = 256
+  config.model.init_from = "resnet50_v1c"  # mmseg's open-mmlab://resnet50_v1c
   config.loss.aux_weight = 0.4
 
   config.data.name = "ade20k"
@@ -33,15 +41,17 @@ def get_config(variant: str = ""):
       "reduce_zero_label|random_resize(scale=(2048, 512), ratio_range=(0.5, 2.0))|"
       "random_crop(size=(512, 512), cat_max_ratio=0.75)|random_flip(prob=0.5)|"
       "photometric_distortion|pad(size=(512, 512))")
-  # Whole-image test at the recipe's scale, scored at each image's original size:
-  # the image is resized keeping its ratio to (2048, 512) and padded to 2048x2048
-  # (the only static shape every such resize fits); labels keep their size.
+  # Batched alternative of the test: the image is resized keeping its ratio to (2048, 512)
+  # and padded to 2048x2048 (the only static shape every such resize fits); labels keep
+  # their size.
   config.data.eval_ops = ("reduce_zero_label|resize(scale=(2048, 512), resize_labels=False)|"
                           "pad(size=(2048, 2048), label_size=(2048, 2048))")
   config.data.batch_size = 16
   config.data.eval_batch_size = 8
 
-  config.inference.scale = (2048, 512)  # whole/slide modes: the recipe's test resize
+  config.inference.mode = "whole"  # mmseg's test_cfg mode
+  config.inference.exact_shapes = True
+  config.inference.scale = (2048, 512)  # the recipe's test resize (w, h)
   config.inference.label_ops = "reduce_zero_label"
 
   config.optimizer.name = "sgd"
@@ -65,21 +75,28 @@ def get_config(variant: str = ""):
     config.model.options.backbone_width = 8
     config.model.options.head_channels = 16
     config.model.options.aux_channels = 8
-    config.data.name = "segjax_shapes"
-    config.inference.scale = (0, 0)
-    config.inference.label_ops = ""
-    config.data.train_ops = ("random_resize(scale=(128, 128), ratio_range=(0.5, 2.0))|"
-                             "random_crop(size=(128, 128), cat_max_ratio=0.75)|"
-                             "random_flip(prob=0.5)|photometric_distortion")
-    config.data.eval_ops = ""
-    config.data.batch_size = 8
-    config.data.eval_batch_size = 32
-    config.optimizer.learning_rate = 0.05  # from scratch, 40 steps: larger than the recipe's
-    config.total_steps = 40
-    config.log_every = 5
-    config.eval_every = config.checkpoint_every = 40
+    shapes_smoke(config)
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of pspnet_ade20k; use '', '160k' or "
                      "'smoke'.")
   config.lock()
   return config
+
+
+def shapes_smoke(config) -> None:
+  """The smoke variant's data and schedule: 40 steps from scratch on the embedded
+  segjax_shapes data, evaluated image by image (whole, exact shapes) at the original size."""
+  config.model.init_from = ""
+  config.data.name = "segjax_shapes"
+  config.inference.scale = (0, 0)
+  config.inference.label_ops = ""
+  config.data.train_ops = ("random_resize(scale=(128, 128), ratio_range=(0.5, 2.0))|"
+                           "random_crop(size=(128, 128), cat_max_ratio=0.75)|"
+                           "random_flip(prob=0.5)|photometric_distortion")
+  config.data.eval_ops = ""
+  config.data.batch_size = 8
+  config.data.eval_batch_size = 32
+  config.optimizer.learning_rate = 0.05  # from scratch, 40 steps: larger than the recipe's
+  config.total_steps = 40
+  config.log_every = 5
+  config.eval_every = config.checkpoint_every = 40

@@ -59,7 +59,7 @@ def test_parameter_counts_equal_torchvision(name, reference):
 
 
 @pytest.mark.parametrize("config_name, model_name", [
-    ("pspnet_ade20k", "pspnet"), ("deeplabv3_ade20k", "deeplabv3"),
+    ("pspnet_ade20k", "pspnet"), ("deeplabv3_ade20k", "deeplabv3_mmseg"),
     ("deeplabv3plus_voc", "deeplabv3plus"), ("fcn8s_voc", "fcn8s"),
     ("segnet_camvid", "segnet")])
 def test_smoke_config_trains_on_eight_devices(tmp_path, config_name, model_name):

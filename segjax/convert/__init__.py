@@ -5,9 +5,12 @@
 Reads .pth/.pt (with `torch.load` where PyTorch is installed, else by
 torch_pickle.py), .safetensors or .npz; writes an .npz of
 '/'-joined variable paths that `load_variables` reads back. Each converter
-module registers its architectures in `CONVERTERS`. `resolve_init_from`
-(pretrained.py) does this by itself for short names (resnet50_v1c, ...) and URLs,
-downloading and converting once into a cache.
+module registers its architectures in `CONVERTERS`; whole mmsegmentation
+segmentors go by their config names (`--arch pspnet_r50-d8`, deeplabv3_r50-d8,
+deeplabv3plus_r50-d8, fcn_r50-d8 and the r101-d8 ones; segjax/convert/mmseg.py).
+`load_peer_checkpoint(path, model)` loads such a checkpoint into a model you built.
+`resolve_init_from` (pretrained.py) does this by itself for short names (resnet50_v1c,
+...) and URLs, downloading and converting once into a cache.
 """
 import argparse
 import sys
@@ -21,12 +24,14 @@ from segjax.convert.fpn import torch_resnet_fpn_to_flax
 from segjax.convert.pretrained import PretrainedWeightsError, resolve_init_from
 from segjax.convert.resnet import torch_resnet_to_flax, torch_segmentation_to_flax
 import segjax.convert.mask_rcnn  # noqa: F401
+from segjax.convert.mmseg import load_peer_checkpoint, mmseg_to_flax
 import segjax.convert.mobilenet_v2  # noqa: F401
 import segjax.convert.vgg  # noqa: F401
 
-__all__ = ["CONVERTERS", "PretrainedWeightsError", "convert_state_dict", "load_variables", "main",
-           "read_state_dict", "resolve_init_from", "save_variables", "torch_resnet_fpn_to_flax",
-           "torch_resnet_to_flax", "torch_segmentation_to_flax"]
+__all__ = ["CONVERTERS", "PretrainedWeightsError", "convert_state_dict", "load_peer_checkpoint",
+           "load_variables", "main", "mmseg_to_flax", "read_state_dict", "resolve_init_from",
+           "save_variables", "torch_resnet_fpn_to_flax", "torch_resnet_to_flax",
+           "torch_segmentation_to_flax"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -49,15 +49,17 @@ def convert_state_dict(state_dict: Mapping[str, Any], model,
   if missing or unknown:
     raise ValueError(f"State dict does not fit {what}: missing keys {missing or 'none'}; "
                      f"unknown keys {unknown or 'none'}.")
-  flat = {}
+  flat, misshapen = {}, []
   for path, key in sources.items():
     value = np.asarray(state_dict[key], dtype=np.float32)
     if path[-1] == "kernel":
       value = value.transpose(2, 3, 1, 0)
     if value.shape != expected[path].shape:
-      raise ValueError(f"{key} has shape {value.shape} (after OIHW -> HWIO); "
-                       f"{'/'.join(path)} needs {expected[path].shape}.")
+      misshapen.append(f"{key} has shape {value.shape} (after OIHW -> HWIO); "
+                       f"{'/'.join(path)} needs {expected[path].shape}")
     flat[path] = value
+  if misshapen:
+    raise ValueError(f"State dict does not fit {what}: " + "; ".join(sorted(misshapen)) + ".")
   return traverse_util.unflatten_dict(flat)
 
 

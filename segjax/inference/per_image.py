@@ -23,7 +23,8 @@ def make_predictor(config: ml_collections.ConfigDict, model, variables: Any,
       model, variables, num_classes, mean=tuple(config.data.mean), std=tuple(config.data.std),
       mode=inference.mode, scale=scale, window=tuple(inference.window),
       stride=tuple(inference.stride), window_batch=inference.window_batch,
-      scales=tuple(inference.scales), flip=inference.flip, crf=crf_options(config))
+      scales=tuple(inference.scales), flip=inference.flip, crf=crf_options(config),
+      exact_shapes=inference.exact_shapes)
 
 
 def crf_options(config: ml_collections.ConfigDict):

@@ -25,7 +25,21 @@ functions of static shapes, each compiled once per shape and kept:
 
 The resize to the original size takes the sizes as traced values, so it is
 compiled once per pair of padded shapes rather than per image size (and
-skipped when the two sizes are equal).
+skipped when the two sizes are equal). With a single pass (no test-time
+augmentation, no CRF) the labels are the argmax of those resized logits, as
+mmseg's `postprocess_result` takes it; with several passes, of the summed
+softmax probabilities, as mmseg's `SegTTAModel` does.
+
+`exact_shapes=True` computes what mmseg computes, to the rounding of float32
+arithmetic: the model runs on exactly the resized image (whole) and, in slide
+mode, an image smaller than the window in a dimension is cut into windows of
+its own size there instead of being padded (mmseg's "the small patch will be
+used to decode without padding"). Padding changes the logits near the padded
+border and every global pooling (PSPNet's pyramid, ASPP's image pooling), so
+padded predictions differ slightly from mmseg's; the price of exactness is one
+compilation per distinct resized shape (or window shape) instead of per
+`size_multiple` bucket. tests/test_mmseg_parity.py checks this mode against
+mmseg's `inference_model`.
 
 Models whose logits cover only the centre of their input
 (`output_is_center_crop`, e.g. `unet_valid`) run in slide mode as the U-Net
@@ -117,11 +131,13 @@ def _average(canvas, count):
   return jnp.where(count > 0, canvas / jnp.maximum(count, 1), 0.0)
 
 
-def _add_probabilities(total, logits, in_size, out_size, *, resize: bool, flip: bool):
+def _add_probabilities(total, logits, in_size, out_size, *, resize: bool, flip: bool,
+                       softmax: bool = True):
   """total (H', W', C) + softmax of the top-left `in_size` of `logits`, resized
   bilinearly (PyTorch's align_corners=False) to `out_size` if `resize` (else
   the two are equal) and, if `flip`, mirrored back; only the top-left
-  `out_size` of the result is meaningful."""
+  `out_size` of the result is meaningful. Without `softmax`, the resized
+  logits themselves are added (one pass, labelled by their argmax)."""
   out_h, out_w = total.shape[:2]
   if resize:
     row_lo, row_hi, row_w = bilinear_source_index(out_h, in_size[0], out_size[0])
@@ -133,7 +149,7 @@ def _add_probabilities(total, logits, in_size, out_size, *, resize: bool, flip: 
               jnp.take(logits, col_hi, axis=1) * weight)
   else:
     logits = logits[:out_h, :out_w]
-  probabilities = jax.nn.softmax(logits, axis=-1)
+  probabilities = jax.nn.softmax(logits, axis=-1) if softmax else logits
   if flip:
     cols = jnp.arange(out_w)
     probabilities = jnp.take(
@@ -173,6 +189,9 @@ class SemanticPredictor:
     size_multiple: whole mode pads the (resized) image bottom/right to a
       multiple of this, and the canvases are padded alike, to bound the
       number of compiled shapes.
+    exact_shapes: no padding at all, as mmseg (see the module docstring):
+      whole mode runs on the resized image itself (`size_multiple` is then
+      1), slide mode clips windows to images smaller than them.
     crf: keyword arguments of `segjax.classical.crf.dense_crf` to refine the
       averaged probabilities with a dense CRF on the image (`refine_with_crf`),
       or None for none.
@@ -183,7 +202,7 @@ class SemanticPredictor:
                scale: Optional[Sequence[int]] = None, window: Sequence[int] = (512, 512),
                stride: Sequence[int] = (341, 341), window_batch: int = 4,
                scales: Sequence[float] = (1.0,), flip: bool = False, size_multiple: int = 32,
-               crf: Optional[Mapping[str, Any]] = None):
+               crf: Optional[Mapping[str, Any]] = None, exact_shapes: bool = False):
     if mode not in MODES:
       raise ValueError(f"SemanticPredictor: `mode` must be one of {MODES}, got {mode!r}.")
     if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
@@ -209,7 +228,8 @@ class SemanticPredictor:
     self.scale = scale
     self.scales = tuple(float(r) for r in scales)
     self.flip = bool(flip)
-    self.size_multiple = int(size_multiple)
+    self.exact_shapes = bool(exact_shapes)
+    self.size_multiple = 1 if self.exact_shapes else int(size_multiple)
     self.window = _pair(window, "window", 1)
     self.stride = _pair(stride, "stride", 1)
     self.window_batch = int(window_batch)
@@ -224,6 +244,9 @@ class SemanticPredictor:
           f"{type(model).__name__} predicts only the centre of its input, which whole-image "
           "inference cannot cover; use mode='slide' (overlap-tile) with a `window` the model "
           "accepts as input.")
+    if self._center_crop and self.exact_shapes:
+      raise ValueError(f"{type(model).__name__} predicts only the centre of its input, whose "
+                       "windows must be padded with mirrored context; use exact_shapes=False.")
     # The tile each window predicts, and its offset inside the window.
     self._tile, self._border = self.window, (0, 0)
     if mode == "slide" and self._center_crop:
@@ -241,10 +264,15 @@ class SemanticPredictor:
     """Keys (function name and shapes) of the functions compiled so far."""
     return tuple(self._cache)
 
+  @property
+  def passes(self) -> int:
+    """Test-time passes per image: scales times (1 or 2 with flips)."""
+    return len(self.scales) * (2 if self.flip else 1)
+
   def probabilities(self, image: np.ndarray) -> np.ndarray:
     """(H, W, C) float32 class probabilities of an (H, W, 3) uint8 RGB image,
     averaged over the test-time passes (and refined by the CRF, if any)."""
-    total, passes = self._total(image)
+    total, passes = self._total(image, softmax=True)
     height, width = image.shape[:2]
     probabilities = total[:height, :width] / np.float32(passes)
     if self.crf is not None:
@@ -255,7 +283,7 @@ class SemanticPredictor:
     """(H, W) int32 labels of an (H, W, 3) uint8 RGB image."""
     if self.crf is not None:
       return np.argmax(self.probabilities(image), axis=-1).astype(np.int32)
-    total, _ = self._total(image)
+    total, _ = self._total(image, softmax=self.passes > 1)
     labels = self._run(("argmax",) + total.shape[:2], _argmax, (total,))
     height, width = image.shape[:2]
     return np.ascontiguousarray(np.asarray(labels)[:height, :width])
@@ -266,9 +294,9 @@ class SemanticPredictor:
       self._cache[key] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
     return self._cache[key](*args)
 
-  def _total(self, image: np.ndarray):
-    """Summed probabilities over the passes, padded to `size_multiple`, and
-    the number of passes."""
+  def _total(self, image: np.ndarray, softmax: bool):
+    """Summed probabilities (or, without `softmax`, logits) over the passes,
+    padded to `size_multiple`, and the number of passes."""
     if (not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or
         image.shape[2] != 3 or min(image.shape[:2]) < 1):
       raise ValueError("SemanticPredictor expects one RGB image as a uint8 numpy array "
@@ -287,22 +315,25 @@ class SemanticPredictor:
         view = np.ascontiguousarray(resized[:, ::-1]) if flip else resized
         logits = self._whole(view) if self.mode == "whole" else self._slide(view)
         resize = size != (height, width)
-        key = ("add_probabilities", resize, flip) + logits.shape[:2] + out_shape
-        total = self._run(key, functools.partial(_add_probabilities, resize=resize, flip=flip),
+        key = ("add_probabilities", resize, flip, softmax) + logits.shape[:2] + out_shape
+        total = self._run(key, functools.partial(_add_probabilities, resize=resize, flip=flip,
+                                                 softmax=softmax),
                           (total, logits, np.array(size, np.int32), out_size), donate=(0,))
         passes += 1
     return total, passes
 
-  def _forward(self, variables, images, valid):
+  def _forward(self, variables, images, valid, tile=None):
     """Logits of uint8 images (B, h, w, 3), normalized and zeroed beyond the
-    first `valid` (2,) rows and columns."""
+    first `valid` (2,) rows and columns; `tile` is the logits' expected (h, w)
+    (default: the input's, or in slide mode the tile)."""
     x = (images.astype(jnp.float32) - self._mean) / self._std
     rows = jnp.arange(images.shape[1]) < valid[0]
     cols = jnp.arange(images.shape[2]) < valid[1]
     x = jnp.where(rows[None, :, None, None] & cols[None, None, :, None], x, 0.0)
     logits = self.model.apply(variables, x, train=False)
-    expected = (images.shape[0],) + (self._tile if self.mode == "slide" else
-                                     images.shape[1:3]) + (self.num_classes,)
+    if tile is None:
+      tile = self._tile if self.mode == "slide" else images.shape[1:3]
+    expected = (images.shape[0],) + tuple(tile) + (self.num_classes,)
     if tuple(logits.shape) != expected:
       raise ValueError(f"{type(self.model).__name__} gave logits of shape {logits.shape} for "
                        f"inputs {images.shape}; SemanticPredictor expects {expected} (logits "
@@ -322,6 +353,8 @@ class SemanticPredictor:
   def _slide(self, image: np.ndarray):
     """Padded (h', w', C) window-averaged logits, valid at the top left."""
     height, width = image.shape[:2]
+    if self.exact_shapes:
+      return self._slide_exact(image)
     size = (max(height, self._tile[0]), max(width, self._tile[1]))
     if self._center_crop:  # overlap-tile: mirrored context around every tile
       extra = [w - t - b for w, t, b in zip(self.window, self._tile, self._border)]
@@ -349,3 +382,26 @@ class SemanticPredictor:
                                 (canvas, count, logits, part, np.int32(len(chunk))),
                                 donate=(0, 1))
     return self._run(("average",) + canvas_shape, _average, (canvas, count))
+
+  def _slide_exact(self, image: np.ndarray):
+    """mmseg's `slide_inference` exactly: windows clipped to the image where it is
+    smaller than them, nothing padded; (H, W, C) window-averaged logits."""
+    height, width = image.shape[:2]
+    window = (min(height, self.window[0]), min(width, self.window[1]))
+    canvas = jnp.zeros((height, width, self.num_classes), jnp.float32)
+    count = jnp.zeros((height, width, 1), jnp.float32)
+    origins = _window_origins(height, width, window, self.stride)
+    valid = np.array(window, np.int32)
+    forward = functools.partial(self._forward, tile=window)
+    for start in range(0, len(origins), self.window_batch):
+      batch = np.zeros((self.window_batch,) + window + (3,), np.uint8)
+      part = np.zeros((self.window_batch, 2), np.int32)
+      chunk = origins[start:start + self.window_batch]
+      part[:len(chunk)] = chunk
+      for i, (y, x) in enumerate(chunk):
+        batch[i] = image[y:y + window[0], x:x + window[1]]
+      logits = self._run(("windows",) + window, forward, (self._variables, batch, valid))
+      canvas, count = self._run(("accumulate", height, width) + window, _accumulate,
+                                (canvas, count, logits, part, np.int32(len(chunk))),
+                                donate=(0, 1))
+    return self._run(("average", height, width), _average, (canvas, count))

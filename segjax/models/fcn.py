@@ -1,5 +1,6 @@
 """FCN (Long et al., 2015): FCN-32s, FCN-16s and FCN-8s on VGG-16, and the FCN
-head on a dilated ResNet.
+head on a dilated ResNet, in torchvision's layout (`fcn_resnet`) and in
+mmsegmentation's (`fcn_mmseg`: two convs and the input concatenated).
 
 FCN-VGG: fc6 (7x7) and fc7 (1x1) as convolutions, each with ReLU and dropout
 0.5; 1x1 class scores on fc7 (`score_fr`) and, for 16s / 8s, on pool4 and then
@@ -177,3 +178,38 @@ class FCNResNet(nn.Module):
     x = FCNHead(self.num_classes, self.channels, name="head", **kw)(features["stage4"], train)
     return outputs_at_input_size(x, images, features, train, self.num_classes,
                                  self.aux_channels, **kw)
+
+
+@MODELS.register("fcn_mmseg")
+class FCNMMSeg(nn.Module):
+  """mmseg's fcn_r50-d8: its `FCNHead` decode head on a dilated ResNet's stage 4
+  (`num_convs` 3x3 conv-BN-ReLUs to `channels`, the input concatenated with their
+  output and fused by a 3x3 conv-BN-ReLU (`conv_cat`), Dropout2d 0.1, 1x1
+  classifier; `head`), upsampled bilinearly to the input, and in training the FCN
+  auxiliary head on stage 3. The same parameters and computation as mmseg's, so
+  `segjax.convert.mmseg` loads its checkpoints."""
+  num_classes: int
+  backbone: str = "resnet50_v1c"
+  output_stride: int = 8
+  contract_dilation: bool = True
+  backbone_width: int = 64  # ResNet base width; smaller for scaled-down variants
+  channels: int = 512
+  num_convs: int = 2
+  concat_input: bool = True
+  dropout: float = 0.1
+  aux_channels: int = 256  # 0 = none
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    check_images(images, "FCN")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    features = BACKBONES.get(self.backbone)(
+        output_stride=self.output_stride, contract_dilation=self.contract_dilation,
+        width=self.backbone_width, name="backbone", **kw)(images.astype(self.dtype), train)
+    x = FCNHead(self.num_classes, self.channels, self.num_convs, self.concat_input,
+                self.dropout, channel_dropout=True, name="head", **kw)(features["stage4"], train)
+    return outputs_at_input_size(x, images, features, train, self.num_classes,
+                                 self.aux_channels, dropout=self.dropout,
+                                 channel_dropout=True, **kw)

@@ -5,7 +5,11 @@ pooling to 1, 2, 3 and 6 bins, a 1x1 conv-BN-ReLU per bin, bilinear upsampling,
 concatenation with the input), a 3x3 bottleneck conv-BN-ReLU, dropout and a 1x1
 classifier; logits are upsampled bilinearly to the input. During training an
 auxiliary FCN head on stage 3 adds a second output (`aux_logits`), weighted by
-`loss.aux_weight` in the loss.
+`loss.aux_weight` in the loss. Dropout drops whole channels (mmseg's Dropout2d).
+
+mmseg's PSPHead layout exactly: `segjax.convert.mmseg` reads its checkpoints
+(PSPHead + FCNHead auxiliary head), and with the default options the model has
+mmseg's parameter count (49,076,364 with 150 classes).
 """
 from typing import Any, Sequence
 
@@ -14,7 +18,7 @@ import jax.numpy as jnp
 
 from segjax.backbones import BACKBONES
 from segjax.layers import Conv, ConvBNAct, PyramidPoolingModule
-from segjax.models.heads import outputs_at_input_size
+from segjax.models.heads import head_dropout, outputs_at_input_size
 from segjax.models.registry import MODELS, check_images
 
 
@@ -42,7 +46,8 @@ class PSPNet(nn.Module):
     x = PyramidPoolingModule(self.pool_bins, self.head_channels, name="ppm", **kw)(
         features["stage4"], train)
     x = ConvBNAct(self.head_channels, (3, 3), name="bottleneck", **kw)(x, train)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = head_dropout(self.dropout, train, channel_dropout=True)(x)
     x = Conv(self.num_classes, (1, 1), name="classifier", **kw)(x)
     return outputs_at_input_size(x, images, features, train, self.num_classes,
-                                 self.aux_channels, dropout=self.dropout, **kw)
+                                 self.aux_channels, dropout=self.dropout,
+                                 channel_dropout=True, **kw)
