@@ -450,3 +450,34 @@ def test_flip_and_label_padding_equal_mmseg(mmseg):
   np.testing.assert_array_equal(ours["label"], sample.gt_sem_seg.data[0].numpy())
   assert padded.shape[2:] == ours["image"].shape[:2]
   np.testing.assert_array_equal(ours["image"], padded[0].permute(1, 2, 0).numpy())
+
+
+def test_predict_py_labels_photos_from_the_mmseg_checkpoint_file(mmseg, tmp_path):
+  """The user's path: mmseg's checkpoint file straight into predict.py, no dataset on the
+  machine; the label PNGs agree with mmseg's `inference_model` on the same photos."""
+  import subprocess
+  import sys
+  from PIL import Image
+  mm = mmseg_reference.init_model(CONFIGS["fcn_ade20k"], seed=3)
+  mm.test_cfg = type(mm.test_cfg)(dict(mode="whole"))
+  checkpoint = str(tmp_path / "fcn_r50-d8_ade20k.pth")
+  _save_checkpoint(mm, checkpoint)
+  photos, out, empty = tmp_path / "photos", tmp_path / "out", tmp_path / "no_datasets"
+  photos.mkdir()
+  empty.mkdir()
+  images = {"astronaut": _photo("astronaut"), "rocket": _photo("rocket", (700, 1050))}
+  for stem, image in images.items():
+    Image.fromarray(image).save(photos / f"{stem}.png")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run(
+      [sys.executable, os.path.join(repo, "predict.py"), "--config=configs/fcn_ade20k.py",
+       "--config.inference.scale=(512, 256)", f"--checkpoint={checkpoint}",
+       f"--input={photos}", f"--output={out}"], cwd=repo, capture_output=True, text=True,
+      env=dict(os.environ, PYTHONPATH=repo, TFDS_DATA_DIR=str(empty)), timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert not os.listdir(empty)
+  for stem, image in images.items():
+    ours = np.asarray(Image.open(out / f"{stem}.png"))
+    ref = _mmseg_labels(mm, image, tmp_path, (512, 256))
+    assert ours.shape == ref.shape == image.shape[:2]
+    assert (ours == ref).mean() >= 0.995, (stem, (ours == ref).mean())
