@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from segjax.inference import commands, per_image  # noqa: E402
+from segjax.commands.restore import restore  # noqa: E402
+from segjax.inference import per_image  # noqa: E402
 from segjax.inference.semantic import refine_with_crf  # noqa: E402
 from segjax.metrics import confusion_matrix, segmentation_metrics  # noqa: E402
 
@@ -72,9 +73,11 @@ def main():
   if args.data_dir:
     config.data.data_dir = args.data_dir
   config.inference.mode = "whole"
-  dataset, model, state, step, _, _ = commands.restore(config, args.checkpoint)
+  restored = restore(args.checkpoint, config, open_dataset=True)
+  dataset, step = restored.dataset, restored.step
   config.inference.crf.enabled = False  # the predictor gives the plain probabilities
-  predictor = per_image.make_predictor(config, model, state, dataset.num_classes)
+  predictor = per_image.make_predictor(config, restored.model, restored.variables,
+                                       dataset.num_classes)
   config.inference.crf.enabled = True
   default = per_image.crf_options(config)
   n, ignore = dataset.num_classes, dataset.ignore_index

@@ -31,7 +31,7 @@ import report  # noqa: E402
 from configs import pspnet_ade20k  # noqa: E402
 from segjax.data import pipeline, transforms  # noqa: E402
 from segjax.data.sources import get_dataset  # noqa: E402
-from segjax.training import trainer  # noqa: E402
+from segjax.tasks import get_task  # noqa: E402
 
 
 def write_archive(path: str, num_images: int, seed: int = 0) -> None:
@@ -119,7 +119,7 @@ def main():
     write_archive(os.path.join(manual, "ADEChallengeData2016.zip"), args.images)
     dataset = get_dataset("ade20k", os.path.join(tmp, "data"), manual)
     source = dataset.source("train")
-    ops = trainer.data_ops(config, config.data.train_ops, dataset)
+    ops = get_task(config).data_ops(config, config.data.train_ops, dataset).spec
     print(f"{os.cpu_count()} CPUs; pipeline: {ops}")
     table = report.Table(["worker processes", "grain img/s", "torch DataLoader img/s",
                           "ratio (grain img/s / torch img/s)"])

@@ -118,6 +118,7 @@ def bench_segjax(args, data):
   import optax
 
   from segjax.models.mask_rcnn import MaskRCNN
+  from segjax.tasks import instance
   from segjax.training import steps
   from segjax.training.train_state import TrainState
 
@@ -142,8 +143,9 @@ def bench_segjax(args, data):
   tx = optax.multi_transform({"train": sgd,
                               "frozen": optax.set_to_zero()}, labels)
   state = TrainState.create(variables["params"], variables["batch_stats"], tx)
-  step_fn = jax.jit(functools.partial(steps.detection_train_step, model=model, tx=tx,
-                                      schedule=optax.constant_schedule(args.lr)),
+  step_fn = jax.jit(functools.partial(steps.train_step,
+                                      objective=instance.objective(model=model, loss_weights={}),
+                                      tx=tx, schedule=optax.constant_schedule(args.lr)),
                     donate_argnums=(0,))
   key = jax.random.key(1)
   start = time.perf_counter()

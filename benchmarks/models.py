@@ -26,6 +26,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from segjax.models import build_model  # noqa: E402
+from segjax.tasks import semantic  # noqa: E402
 from segjax.training import steps  # noqa: E402
 from segjax.training.train_state import TrainState  # noqa: E402
 
@@ -65,8 +66,9 @@ def bench_segjax(name, options, size, batch, num_steps, flops_size):
   gflops = forward.compile().cost_analysis()["flops"] / 1e9
   tx = optax.sgd(0.01, momentum=0.9)
   state = TrainState.create(variables["params"], variables.get("batch_stats", {}), tx)
-  step_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                      schedule=optax.constant_schedule(0.01), ignore_index=255),
+  step_fn = jax.jit(functools.partial(steps.train_step,
+                                      objective=semantic.objective(model=model, ignore_index=255),
+                                      tx=tx, schedule=optax.constant_schedule(0.01)),
                     donate_argnums=(0,))
   batch_arrays = {"image": images, "label": labels}
   start = time.perf_counter()

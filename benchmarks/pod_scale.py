@@ -57,7 +57,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import pspnet_ade20k  # noqa: E402
 from segjax.losses import build_loss  # noqa: E402
 from segjax.models import build_model  # noqa: E402
-from segjax.training import optimizers, sharding, steps, trainer  # noqa: E402
+from segjax.tasks import semantic  # noqa: E402
+from segjax.training import optimizers, sharding, steps, train_state  # noqa: E402
 
 NUM_CLASSES = 150
 IGNORE_INDEX = 255
@@ -83,13 +84,14 @@ class Setup:
   def jitted(self, mesh, rules, accumulation_steps: int = 1, remat_policy: str = ""):
     """(jitted, donating train step, abstract state, batch sharding) on `mesh`, placed as
     the trainer places them."""
-    abstract, shardings = trainer.abstract_train_state(self.model, self.tx, self.input_shape,
-                                                       mesh, rules)
+    abstract, shardings = train_state.abstract_train_state(self.model, self.tx,
+                                                           self.input_shape, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, self.config.mesh.batch_axes)
     replicated = NamedSharding(mesh, P())
+    objective = semantic.objective(model=self.model, ignore_index=IGNORE_INDEX,
+                                   loss_fn=self.loss_fn, aux_weight=self.config.loss.aux_weight)
     step_fn = functools.partial(
-        steps.train_step, model=self.model, tx=self.tx, schedule=self.schedule,
-        ignore_index=IGNORE_INDEX, loss_fn=self.loss_fn, aux_weight=self.config.loss.aux_weight,
+        steps.train_step, objective=objective, tx=self.tx, schedule=self.schedule,
         accumulation_steps=accumulation_steps, remat_policy=remat_policy)
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, replicated),
                      out_shardings=(shardings, replicated), donate_argnums=(0,))
@@ -125,8 +127,8 @@ def time_steps(setup: Setup, compiled, mesh, batch: int, num_steps: int) -> floa
   """Median seconds of `num_steps` runs of the compiled data-parallel step on `mesh`
   after one warm-up."""
   rules = sharding.param_rules(setup.config.mesh)
-  state, _ = trainer.create_train_state(setup.model, setup.tx, jax.random.key(0),
-                                        setup.input_shape, mesh, rules)
+  state, _ = train_state.create_train_state(setup.model, setup.tx, jax.random.key(0),
+                                            setup.input_shape, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, setup.config.mesh.batch_axes)
   rng = np.random.default_rng(0)
   host = {"image": rng.normal(size=(batch, setup.size, setup.size, 3)).astype(np.float32),

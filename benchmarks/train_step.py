@@ -82,6 +82,7 @@ def child_segjax(args):
 
   sys.path.insert(0, REPO)
   from segjax.models import build_model
+  from segjax.tasks import semantic
   from segjax.training import steps
   from segjax.training.train_state import TrainState
 
@@ -95,8 +96,9 @@ def child_segjax(args):
   tx = optax.sgd(0.01, momentum=0.9)
   state = TrainState.create(variables["params"], variables.get("batch_stats", {}), tx)
   step_fn = jax.jit(functools.partial(
-      steps.train_step, model=model, tx=tx, schedule=optax.constant_schedule(0.01),
-      ignore_index=255, conv_lowering_mode=args.conv_lowering), donate_argnums=(0,))
+      steps.train_step, objective=semantic.objective(model=model, ignore_index=255), tx=tx,
+      schedule=optax.constant_schedule(0.01), conv_lowering_mode=args.conv_lowering),
+      donate_argnums=(0,))
   arrays = jax.device_put({"image": images, "label": labels})
   start = time.perf_counter()
   compiled = step_fn.lower(state, arrays, jax.random.key(2)).compile()

@@ -21,6 +21,7 @@ from torch import nn
 
 import report
 from segjax.models import build_model
+from segjax.tasks import semantic
 from segjax.training import steps
 from segjax.training.train_state import TrainState
 
@@ -69,9 +70,11 @@ def bench_jax(args, images, labels):
   variables = model.init(jax.random.key(0), images[:1], train=False)
   tx = optax.sgd(0.01, momentum=0.9)
   state = TrainState.create(variables["params"], variables["batch_stats"], tx)
-  train_step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                         schedule=optax.constant_schedule(0.01),
-                                         ignore_index=255), donate_argnums=(0,))
+  train_step = jax.jit(functools.partial(steps.train_step,
+                                         objective=semantic.objective(model=model,
+                                                                      ignore_index=255),
+                                         tx=tx, schedule=optax.constant_schedule(0.01)),
+                       donate_argnums=(0,))
   batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
   holder = {"state": state}
   def step():
