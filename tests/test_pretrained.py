@@ -358,3 +358,50 @@ def test_train_py_offline_stops_naming_the_url_and_path_before_reading_data(tmp_
   path = tmp_path / "cache" / "pretrained" / "resnet50_v1c-2cccc1ad.pth"
   assert f"Could not download {url}" in errors[0] and f"put it at {path}" in errors[0]
   assert not (tmp_path / "tfds").exists() and not path.exists()
+
+
+def test_the_recipe_starts_from_the_served_imagenet_encoder(tmp_path, cache):
+  """PSPNet-ADE20K's train state as the trainer creates it, with the recipe's encoder
+  (mmseg's ResNet-50-V1c layout, random weights here) served from a local URL: the
+  backbone holds exactly the converted weights."""
+  from tests import mmseg_reference
+  mmseg_reference.import_mmseg()
+  import torch
+  from mmseg.models.backbones import ResNetV1c
+  from segjax.data.sources import dataset_classes
+  from segjax.tasks import get_task
+  from segjax.training import optimizers, sharding
+  from segjax.training.train_state import create_train_state
+  torch.manual_seed(0)
+  encoder = ResNetV1c(depth=50)
+  _randomize_batch_norms(encoder, torch)  # (mmseg's ResNet.train returns None)
+  buffer = io.BytesIO()
+  torch.save(encoder.state_dict(), buffer)
+  data = buffer.getvalue()
+  folder = tmp_path / "www"
+  folder.mkdir()
+  name = f"resnet50_v1c-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+  (folder / name).write_bytes(data)
+  server = _Server(folder)
+  try:
+    config = pspnet_ade20k.get_config()
+    task = get_task(config)
+    model = task.build_model(config, dataset_classes("ade20k"))
+    tx, _ = optimizers.create_optimizer(config.optimizer, 10)
+    mesh = sharding.create_mesh((("data", -1),))
+    state, _ = create_train_state(model, tx, jax.random.key(0), (1, 64, 64, 3), mesh, (),
+                                  init_from=f"{server.url}/{name}")
+  finally:
+    server.stop()
+  assert server.requests == [f"/{name}"]
+  expected = load_variables(str(cache / f"resnet50_v1c-{name.split('-')[1][:8]}.resnet50_v1c.npz"))
+  got = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+  flat_got = traverse_util.flatten_dict(jax.device_get(got))
+  flat_expected = traverse_util.flatten_dict(expected)
+  assert set(flat_got) == set(flat_expected)
+  for key, value in flat_expected.items():
+    np.testing.assert_array_equal(np.asarray(flat_got[key]), value)
+  torch_stem = encoder.stem[0].weight.detach().numpy().transpose(2, 3, 1, 0)
+  np.testing.assert_array_equal(np.asarray(state.params["backbone"]["stem_conv1"]["kernel"]),
+                                torch_stem)
+  assert {"ppm", "bottleneck", "classifier", "aux_head"} <= set(state.params)  # initialized
