@@ -1,0 +1,1 @@
+"""segjax tests; a regular package so that another `tests` on sys.path (mmsegmentation ships one) cannot shadow it."""
