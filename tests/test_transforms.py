@@ -387,6 +387,37 @@ def test_pipeline_pickles():
                                 pipeline(example, np.random.default_rng(3))["label"])
 
 
+def test_compose_from_op_objects_matches_the_spec():
+  """Ops built by their factories, mixed with spec strings, run as the parsed spec does,
+  and the composed pipeline knows its spec and pickles without a spec string."""
+  example, _ = block_example(np.random.default_rng(0), 96, 96)
+  composed = transforms.compose(
+      transforms.random_resize(scale=(96, 64), ratio_range=(0.5, 2.0)),
+      "random_crop(size=(64, 80))",
+      transforms.Pipeline([transforms.random_flip(prob=0.5)]))
+  assert parse_pipeline(composed.spec).spec == GEOMETRIC
+  restored = pickle.loads(pickle.dumps(composed))
+  for pipeline in (composed, restored):
+    out = pipeline(example, np.random.default_rng(5))
+    expected = parse_pipeline(GEOMETRIC)(example, np.random.default_rng(5))
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(out[key], expected[key])
+
+
+def test_pipeline_of_plain_callables():
+  def add_one(example, rng):
+    del rng
+    return {**example, "label": example["label"] + 1}
+  pipeline = transforms.Pipeline([add_one, transforms.pad(size=(3, 2), ignore_index=9)])
+  out = pipeline({"label": np.zeros((2, 2), np.uint8)}, None)
+  np.testing.assert_array_equal(out["label"], [[1, 1], [1, 1], [9, 9]])
+  assert pipeline.spec is None and "add_one" in repr(pipeline)
+  with pytest.raises(ValueError, match="neither a spec string nor a callable"):
+    transforms.compose("squeeze_labels", 3)
+  with pytest.raises(ValueError, match="op 1 is 'pad', not a callable"):
+    transforms.Pipeline([add_one, "pad"])
+
+
 def test_runs_in_grain_random_map():
   rng = np.random.default_rng(0)
   examples = [block_example(rng, 96, 72 + 8 * i)[0] for i in range(4)]
