@@ -3,6 +3,7 @@ weights, and `keep` to select the keys that are batched."""
 import numpy as np
 
 from segjax.data.transforms.common import Op, _check, _check_int, _is_number, _require, register_op
+from segjax.data.unet_weights import unet_weight_map
 
 
 @register_op("squeeze_labels")
@@ -77,11 +78,10 @@ def check_image() -> Op:
 def unet_weights(w0: float = 10.0, sigma: float = 5.0, ignore_index: int = 255) -> Op:
   """U-Net's per-pixel loss weights from `instance_ids` (and `label` for the class
   balance), stored as `pixel_weights` (H, W) float32 for the losses that take
-  them (see `segjax.losses.unet_weight_map`). Put it after the geometric ops
+  them (see `segjax.data.unet_weights`). Put it after the geometric ops
   (weights are not moved by them) and before `normalize`."""
   _check(_is_number(w0) and w0 >= 0, "unet_weights", "w0", "a number >= 0", w0)
   _check(_is_number(sigma) and sigma > 0, "unet_weights", "sigma", "a number > 0", sigma)
-  from segjax.losses.unet_weights import unet_weight_map
 
   def fn(example, rng):
     del rng
