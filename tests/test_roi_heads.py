@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax.models.roi_heads import (BoxHead, MaskHead, postprocess_detections, roi_heads_config,
-                                     torch_roi_heads_to_flax)
+from segjax.convert.roi_heads import roi_heads_config, torch_roi_heads_to_flax
+from segjax.models.roi_heads import BoxHead, MaskHead, postprocess_detections
 from tests.test_rpn import _greedy_batched_nms
 from tests.torch_reference import import_torchvision
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax.models.rpn import RPNHead, propose, torch_rpn_head_to_flax
+from segjax.convert.rpn import torch_rpn_head_to_flax
+from segjax.models.rpn import RPNHead, propose
 from segjax.ops import generate_anchors
 from tests.torch_reference import import_torchvision
 
