@@ -213,3 +213,33 @@ def test_separable_conv_is_depthwise_then_pointwise():
     want = _nhwc(ref(_nchw(x)))
   assert got.shape == (2, 9, 7, 10)
   assert _rel_err(got, want) <= 1e-4
+
+
+def test_trace_settings_nest_restore_and_check_on_entry():
+  """lowering / rematerialization / batch_statistics set their value for the block only,
+  restore the outer one on exit (also after an exception), and reject bad values on entry."""
+  from segjax.layers import conv_lowering, norm, remat
+
+  assert conv_lowering._MODE.get() == "auto" and remat._POLICY.get() == ""
+  with conv_lowering.lowering("xla"), remat.rematerialization("dots_saveable"):
+    with conv_lowering.lowering("patches"):
+      assert conv_lowering._MODE.get() == "patches" and conv_lowering._rewrites_apply()
+    assert conv_lowering._MODE.get() == "xla" and not conv_lowering._rewrites_apply()
+    assert remat.block(SeparableConvBNAct) is not SeparableConvBNAct
+  assert remat.block(SeparableConvBNAct) is SeparableConvBNAct
+  mask = jnp.array([True, False])
+  with pytest.raises(RuntimeError, match="inside"):
+    with norm.batch_statistics(2, mask):
+      assert norm._SETTINGS.get() == norm._Statistics(2, mask)
+      raise RuntimeError("inside")
+  assert norm._SETTINGS.get() == norm._Statistics()
+  context = conv_lowering.lowering("fast")  # checked when entered, as a `with` block needs
+  with pytest.raises(ValueError, match="Unknown convolution lowering 'fast'"):
+    context.__enter__()
+  with pytest.raises(ValueError, match="Unknown remat policy 'all'"):
+    with remat.rematerialization("all"):
+      pass
+  with pytest.raises(ValueError, match="groups must be >= 1, got 0"):
+    with norm.batch_statistics(0):
+      pass
+  assert conv_lowering._MODE.get() == "auto" and remat._POLICY.get() == ""
