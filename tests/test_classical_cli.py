@@ -26,12 +26,12 @@ CASES = {
     "multi_otsu": (["--classes", "3"], [0, 1, 2], True, 1.0),
     "kmeans": (["--k", "3", "--seed", "1"], [0, 1, 2], False, 1.0),
     # Downscaled to 20x24 and upsampled back: region edges fall on even pixels, so exact.
-    "mean_shift": (["--max-size", "24"], [0, 1, 2], False, 1.0),
+    "mean_shift": (["--max_size", "24"], [0, 1, 2], False, 1.0),
     "region_growing": (["--seeds", RECT_SEED], [0, 1, 0], True, 1.0),
     # Raster order of first pixel: background, right half, rectangle.
     "split_merge": ([], [0, 2, 1], True, 1.0),
     # Downscaled to 13x16: the cut between the halves is the balanced, weakly linked one.
-    "normalized_cut": (["--segments", "2", "--max-size", "16"], [0, 0, 1], True, 1.0),
+    "normalized_cut": (["--segments", "2", "--max_size", "16"], [0, 0, 1], True, 1.0),
     "min_cut": (["--foreground", RECT_SEED, "--background", BACKGROUND_SEEDS], [0, 1, 0], True,
                 1.0),
     # Pixels next to an edge may fall in either basin.
@@ -77,7 +77,7 @@ def workspace(tmp_path_factory):
       # One segment per pixel: more labels than uint8 holds.
       "many_labels": _command("felzenszwalb", "--input", image_path, "--output",
                               str(root / "many"), "--scale", "1", "--sigma", "0",
-                              "--min-size", "0"),
+                              "--min_size", "0"),
       "missing": _command("otsu", "--input", str(root / "nowhere.png"), "--output", out),
   })
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
@@ -196,3 +196,18 @@ def test_bad_arguments_are_usage_errors(argv, needle, capsys):
   io = [] if "--input" in argv else ["--input", "x.png", "--output", "out"]
   code, err = _exit([*argv, *io], capsys)
   assert code == 2 and err.startswith(f"usage: {cli.PROG}") and needle in err, err
+
+
+def test_flags_are_spelled_as_absl_flags():
+  """One flag style for every command: underscores inside names (as train.py's absl flags),
+  and a boolean turned off by --no<name>."""
+  parser = cli.build_parser()
+  subparsers = next(a for a in parser._actions if a.dest == "method").choices
+  flags = {option for sub in subparsers.values() for action in sub._actions
+           for option in action.option_strings if option.startswith("--")}
+  assert "--max_size" in flags and not [f for f in flags if "-" in f[2:]], sorted(flags)
+  io = ["--input", "x.png", "--output", "out"]
+  assert parser.parse_args(["region_growing", *io]).adaptive is True
+  assert parser.parse_args(["region_growing", *io, "--noadaptive"]).adaptive is False
+  args = parser.parse_args(["normalized_cut", *io, "--max_size=12", "--sigma_feature", "0.5"])
+  assert args.max_size == 12 and args.sigma_feature == 0.5
