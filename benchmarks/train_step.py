@@ -14,7 +14,8 @@ batch: forward in training mode (BatchNorm batch statistics, dropout), pixel-mea
 
 Each implementation runs in a fresh child process, so its peak RSS (`ru_maxrss`, the whole
 process: runtime, compiler, model, activations) is its own, and each row can have its own
-XLA_FLAGS; segjax's main rows use train.py's defaults (configs/default.py's `xla_flags`). segjax's step is jitted with the state donated; its compile time (lower + compile) is
+XLA_FLAGS; segjax's main rows use train.py's defaults (configs/default.py's `xla_flags`).
+segjax's step is jitted with the state donated; its compile time (lower + compile) is
 reported apart, and XLA's own buffer estimate (arguments + outputs + temporaries) beside the
 RSS. Times are the median of --repeats steps after --warmup untimed ones. PyTorch uses as many
 threads as there are CPUs, eager NCHW (its default) and channels_last.

@@ -1,1 +1,2 @@
-"""segjax tests; a regular package so that another `tests` on sys.path (mmsegmentation ships one) cannot shadow it."""
+"""segjax tests; a regular package so that another `tests` on sys.path (mmsegmentation's
+wheel installs one) cannot shadow it."""

@@ -56,7 +56,8 @@ def test_registry_and_bad_inputs():
     build_model("unet", 3, {"widht": 4})
   model = build_model("unet", 3, TINY["unet"])
   variables = _init(model, (1, 32, 32, 3))
-  with pytest.raises(ValueError, match=r"shaped \(batch, height, width, 3\), got shape \(32, 32, 3\)"):
+  with pytest.raises(ValueError,
+                     match=r"shaped \(batch, height, width, 3\), got shape \(32, 32, 3\)"):
     model.apply(variables, jnp.ones((32, 32, 3)))
   with pytest.raises(ValueError, match="dtype uint8"):
     model.apply(variables, jnp.ones((1, 32, 32, 3), jnp.uint8))
