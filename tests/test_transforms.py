@@ -404,6 +404,23 @@ def test_compose_from_op_objects_matches_the_spec():
       np.testing.assert_array_equal(out[key], expected[key])
 
 
+def test_spec_ops_registered_without_register_op_still_pickle(monkeypatch):
+  """An op registered on PREPROCESS_OPS directly returns a closure, which does not
+  pickle; a parsed pipeline of it pickles as its spec, and so does a composed one."""
+  def shift(by=1):
+    def fn(example, rng):
+      del rng
+      return {**example, "label": example["label"] + by}
+    return fn
+  monkeypatch.setitem(PREPROCESS_OPS._entries, "shift_for_test", shift)
+  example = {"label": np.zeros((2, 2), np.uint8)}
+  for pipeline in (parse_pipeline("shift_for_test(by=2)"),
+                   transforms.compose("shift_for_test(by=2)", transforms.pad(size=(3, 2)))):
+    restored = pickle.loads(pickle.dumps(pipeline))
+    np.testing.assert_array_equal(restored(example, None)["label"][:2], 2)
+    assert restored.spec == pipeline.spec
+
+
 def test_pipeline_of_plain_callables():
   def add_one(example, rng):
     del rng
@@ -412,6 +429,7 @@ def test_pipeline_of_plain_callables():
   out = pipeline({"label": np.zeros((2, 2), np.uint8)}, None)
   np.testing.assert_array_equal(out["label"], [[1, 1], [1, 1], [9, 9]])
   assert pipeline.spec is None and "add_one" in repr(pipeline)
+  assert transforms.compose("", pipeline, " ").ops == [pipeline]
   with pytest.raises(ValueError, match="neither a spec string nor a callable"):
     transforms.compose("squeeze_labels", 3)
   with pytest.raises(ValueError, match="op 1 is 'pad', not a callable"):

@@ -12,12 +12,13 @@ from segjax.data.transforms.common import PREPROCESS_OPS, Example, Op
 class Pipeline:
   """`fn(example, rng) -> example` applying `ops` in order.
 
-  `ops` are callables `op(example, rng) -> example`, usually the `BoundOp`s
-  that registered factories return (`transforms.resize(scale=(512, 512))`).
-  `spec` is the pipeline as spec text: given by `parse_pipeline`, otherwise
-  joined from the ops' own specs (None if an op is a plain callable). It pickles
-  op by op, so grain can ship it to workers when every op pickles (`BoundOp`s
-  do, by name and arguments).
+  `ops` are callables `op(example, rng) -> example`: the `BoundOp`s that
+  registered factories return (`transforms.resize(scale=(512, 512))`), other
+  pipelines, or plain functions. `spec` is the text the ops were parsed from
+  (`parse_pipeline` passes it); such a pipeline pickles as its spec, as it
+  always has. Otherwise `spec` is joined from the ops' own specs (None if an op
+  is a plain function) and the pipeline pickles op by op: grain can ship it to
+  worker processes when every op pickles (`BoundOp`s do, by name and arguments).
   """
 
   def __init__(self, ops: Sequence[Op] = (), spec: Optional[str] = None):
@@ -26,8 +27,9 @@ class Pipeline:
       if not callable(op):
         raise ValueError(f"Pipeline: op {i} is {op!r}, not a callable op(example, rng); "
                          "build ops with their factories, e.g. transforms.pad(size=(8, 8)).")
+    self._parsed = spec is not None
     if spec is None and all(isinstance(getattr(op, "spec", None), str) for op in ops):
-      spec = "|".join(op.spec for op in ops)
+      spec = "|".join(op.spec for op in ops if op.spec.strip())
     self.spec = spec
     self.ops = ops
 
@@ -36,6 +38,11 @@ class Pipeline:
       example = op(example, rng)
     return example
 
+  def __reduce__(self):
+    if self._parsed:
+      return parse_pipeline, (self.spec,)
+    return Pipeline, (self.ops,)
+
   def __repr__(self) -> str:
     return f"Pipeline({self.spec!r})" if self.spec is not None else f"Pipeline({self.ops!r})"
 
@@ -43,13 +50,13 @@ class Pipeline:
 def compose(*parts: Union[str, Op]) -> Pipeline:
   """One pipeline from spec strings, op objects and pipelines, in order, e.g.
   `compose("squeeze_labels|check_image", transforms.pad(size=(512, 512)))`; code
-  that builds a pipeline need not format its arguments into a string."""
+  that builds a pipeline need not format its arguments into a string. A spec
+  string becomes a parsed pipeline among the ops."""
   ops: List[Op] = []
   for part in parts:
     if isinstance(part, str):
-      ops.extend(parse_pipeline(part).ops)
-    elif isinstance(part, Pipeline):
-      ops.extend(part.ops)
+      if part.strip():
+        ops.append(parse_pipeline(part))
     elif callable(part):
       ops.append(part)
     else:
