@@ -7,8 +7,9 @@ in PyTorch, each implementation in its own child process of one run.
 Models, full size as `build_model(name, 21, options)` builds them: U-Net (width 64, depth 4),
 FCN-8s (VGG-16), PSPNet (ResNet-50-D8) and DeepLabV3+ (ResNet-50, output stride 16). The
 references are the same networks in PyTorch, layer for layer: `benchmarks/torch_models.py`
-(parameter names, shapes and outputs checked against segjax in tests/test_torch_models.py) and
-the U-Net of `benchmarks/unet_train_step.py`. Both sides run the whole step on one fixed random
+(parameter names, shapes and outputs checked against segjax in
+tests/benchmarks/test_torch_models.py) and the U-Net of `benchmarks/unet_train_step.py`. Both
+sides run the whole step on one fixed random
 batch: forward in training mode (BatchNorm batch statistics, dropout), pixel-mean cross-entropy
 (+ 0.4 x the aux head's where the model has one), backward, SGD with momentum.
 

@@ -20,7 +20,7 @@ from segjax.data import pipeline
 from segjax.data.sources import get_dataset
 from segjax.training import checkpointing, distributed, optimizers, sharding, trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Short runs: checkpoints at steps 2 and 4, one small evaluation at the end. SGD:
 # Adam's first steps (g / sqrt(v)) blow float round-off of the cross-process sums
 # up to ~1e-3 differences, SGD keeps them at round-off.

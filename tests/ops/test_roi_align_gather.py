@@ -1,7 +1,7 @@
 """Gather path of multi-level RoIAlign against the dense path and a numpy port of the C++ loop.
 
 The dense path (`roi_align` per level, then the assigned level selected) is itself checked
-against torchvision and the numpy port in tests/test_roi_align.py.
+against torchvision and the numpy port in tests/ops/test_roi_align.py.
 """
 import functools
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from segjax.ops.roi_align import fpn_levels, multilevel_roi_align
-from tests.test_roi_align import _bilinear
+from tests.ops.test_roi_align import _bilinear
 
 _LEVELS = (2, 3, 4, 5)
 _IMAGE_H, _IMAGE_W = 96, 128  # maps 24x32, 12x16, 6x8, 3x4

@@ -11,7 +11,7 @@ from PIL import Image
 
 from segjax.classical import __main__ as cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEIGHT, WIDTH = 40, 48
 # Background, a rectangle inside it and the right half: far apart in BT.601 gray (37, 101, 214),
 # channel mean (57, 103, 197) and colour, so each method has a clear answer.

@@ -14,7 +14,7 @@ from segjax.convert.common import CONVERTERS
 from segjax.convert.vgg import torch_vgg_to_flax
 from segjax.models import build_model
 from segjax.models.fcn import _OUTPUT_CROPS, _SKIP_CROPS, learned_upsampling
-from tests.test_resnet_parity import _randomize_batch_norms
+from tests.backbones.test_resnet_parity import _randomize_batch_norms
 from tests.torch_reference import import_torchvision
 
 TINY = {"width": 4, "fc_width": 16}

@@ -20,7 +20,7 @@ from segjax.metrics.panoptic import id_to_rgb, pq_compute, rgb_to_id
 from segjax.models.panoptic_fpn import PanopticFPN
 from segjax.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 64
 TINY = dict(backbone="resnet18", backbone_width=8, fpn_channels=8, frozen_bn=False,
             trainable_layers=5, anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n_train=32,

@@ -22,7 +22,7 @@ from segjax.training import steps
 from segjax.training.train_state import TrainState
 from segjax.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE, G = 64, 4
 TINY = dict(backbone="resnet18", backbone_width=8, fpn_channels=8, frozen_bn=False,
             trainable_layers=5, anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n_train=32,

@@ -15,7 +15,7 @@ from segjax.backbones import BACKBONES, MobileNetV2
 from segjax.convert import CONVERTERS
 from segjax.convert.mobilenet_v2 import torch_mobilenet_v2_to_flax
 from segjax.models import build_model
-from tests.test_resnet_parity import _randomize_batch_norms
+from tests.backbones.test_resnet_parity import _randomize_batch_norms
 from tests.torch_reference import import_torchvision
 
 # segjax feature -> length of the torchvision `features` prefix that gives it.

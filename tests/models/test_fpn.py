@@ -10,7 +10,7 @@ import pytest
 
 from segjax.convert.fpn import torch_resnet_fpn_to_flax
 from segjax.models.fpn import FPN, ResNetFPN, frozen_backbone_modules, resize_nearest
-from tests.test_resnet_parity import _randomize_batch_norms
+from tests.backbones.test_resnet_parity import _randomize_batch_norms
 from tests.torch_reference import import_torchvision
 
 LEVELS = {"0": "p2", "1": "p3", "2": "p4", "3": "p5", "pool": "p6"}

@@ -15,7 +15,7 @@ from segjax.data import shapes
 from segjax.inference import commands
 from segjax.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPLIT = "validation[:16]"
 
 

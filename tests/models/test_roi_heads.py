@@ -11,7 +11,7 @@ import pytest
 
 from segjax.convert.roi_heads import roi_heads_config, torch_roi_heads_to_flax
 from segjax.models.roi_heads import BoxHead, MaskHead, postprocess_detections
-from tests.test_rpn import _greedy_batched_nms
+from tests.models.test_rpn import _greedy_batched_nms
 from tests.torch_reference import import_torchvision
 
 C, P, REP, K = 8, 7, 32, 3
