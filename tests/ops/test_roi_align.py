@@ -1,11 +1,18 @@
-"""RoIAlign / RoIPool / multi-level RoIAlign against detectron2's vectors, torchvision and numpy.
+"""RoIAlign in three parts: segjax's RoIAlign / RoIPool / multi-level RoIAlign against
+detectron2's vectors, torchvision and numpy; the gather path of multi-level RoIAlign against the
+dense path and a numpy port of the C++ loop; and the lean torch RoIAlign the other tests use as
+a reference (`tests.torch_reference.lean_roi_align`) against torchvision's own.
 
 torchvision's compiled kernels do not load here; its pure-Python `_roi_align` (unwrapped from
 its lazy torch.compile) is the torch reference. That Python version omits the C++ kernel's
 "samples beyond [-1, H] contribute 0" rule and caps the adaptive grid at the map size, so boxes
 reaching far outside the map or larger than it are checked against a numpy port of the C++
-loop written here instead.
+loop written here instead; the lean reference is checked against `_roi_align` with that rule
+put back, for values and input gradients. The boxes cover several images, boxes partly and
+wholly outside the map, boxes under one cell and the usual ones.
 """
+import functools
+import importlib
 import math
 import sys
 
@@ -15,7 +22,8 @@ import numpy as np
 import pytest
 
 from segjax.ops.roi_align import fpn_levels, multilevel_roi_align, roi_align, roi_pool
-from tests.torch_reference import import_torchvision
+from tests import torch_reference
+from tests.torch_reference import import_torchvision, lean_roi_align
 
 # One compilation per configuration instead of one per primitive, to keep the file fast.
 _roi_align = jax.jit(roi_align, static_argnums=(2, 3, 4, 5, 6))
@@ -264,3 +272,312 @@ def test_bad_inputs_raise():
     roi_align(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 1, 4)), 0)
   with pytest.raises(ValueError, match="one map per level"):
     multilevel_roi_align([jnp.zeros((1, 4, 4, 1))], jnp.zeros((1, 1, 4)), 2)
+
+
+# --- Gather path of multi-level RoIAlign, against the dense path and the C++ loop ---
+
+_LEVELS = (2, 3, 4, 5)
+_IMAGE_H, _IMAGE_W = 96, 128  # maps 24x32, 12x16, 6x8, 3x4
+_OUT = (3, 4)
+
+
+def _maps(rng, channels=3, batch=2):
+  return [rng.normal(size=(batch, _IMAGE_H >> k, _IMAGE_W >> k, channels)).astype(np.float32)
+          for k in _LEVELS]
+
+
+def _boxes(rng, batch=2):
+  """Boxes of all FPN levels: inside, crossing the border, far outside, tiny, degenerate,
+  ending on the last row / column, and larger than the image."""
+  per_image = []
+  for _ in range(batch):
+    centers = rng.uniform([-40, -40], [_IMAGE_W + 40, _IMAGE_H + 40], (24, 2))
+    sizes = np.exp(rng.uniform(np.log(0.5), np.log(700.0), (24, 2)))
+    random = np.concatenate([centers - sizes / 2, centers + sizes / 2], axis=1)
+    fixed = np.array([
+        [0.0, 0.0, _IMAGE_W, _IMAGE_H],  # whole image
+        [_IMAGE_W - 8.0, _IMAGE_H - 6.0, _IMAGE_W, _IMAGE_H],  # ends on the last row / col
+        [_IMAGE_W - 1.0, _IMAGE_H - 1.0, _IMAGE_W + 3.0, _IMAGE_H + 2.0],
+        [-300.0, -200.0, -250.0, -150.0],  # entirely outside (samples below -1)
+        [_IMAGE_W + 20.0, 10.0, _IMAGE_W + 200.0, 190.0],  # entirely outside, large
+        [-10.0, -10.0, 400.0, 300.0],  # P4 / P5, sticking out
+        [-200.0, -150.0, 600.0, 500.0],  # P5, far beyond the map
+        [-60.0, -50.0, 500.0, 400.0],  # P5, samples on both sides of -1
+        [5.0, 7.0, 5.0, 7.0],  # empty
+        [30.0, 20.0, 30.3, 20.1],  # tiny
+        [60.0, 40.0, 60.0, 90.0],  # zero width
+    ])
+    per_image.append(np.concatenate([random, fixed]))
+  return np.stack(per_image).astype(np.float32)
+
+
+def _numpy_fixed_ratio(fmap, box, scale, ratio, aligned):
+  """torchvision's C++ RoIAlign loop for one RoI with a fixed sampling ratio -> [*_OUT, C]."""
+  offset = 0.5 if aligned else 0.0
+  x1, y1, x2, y2 = [float(v) * scale - offset for v in box]
+  roi_w, roi_h = x2 - x1, y2 - y1
+  if not aligned:
+    roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+  bin_h, bin_w = roi_h / _OUT[0], roi_w / _OUT[1]
+  result = np.zeros(_OUT + fmap.shape[-1:])
+  for ph in range(_OUT[0]):
+    for pw in range(_OUT[1]):
+      for iy in range(ratio):
+        for ix in range(ratio):
+          y = y1 + ph * bin_h + (iy + 0.5) * bin_h / ratio
+          x = x1 + pw * bin_w + (ix + 0.5) * bin_w / ratio
+          result[ph, pw] += _bilinear(fmap, y, x) / ratio**2
+  return result
+
+
+@functools.partial(jax.jit, static_argnames=("ratio", "aligned", "method"))
+def _pool_and_grad(maps, boxes, cotangent, ratio, aligned, method):
+  """Pooled features and the gradient of <pooled, cotangent> w.r.t. every level."""
+  pool = functools.partial(multilevel_roi_align, boxes=boxes, output_size=_OUT, levels=_LEVELS,
+                           sampling_ratio=ratio, aligned=aligned, method=method)
+  pooled, vjp = jax.vjp(pool, maps)
+  return pooled, vjp(cotangent.astype(pooled.dtype))[0]
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("ratio", [1, 2, 3])
+def test_gather_equals_dense_values_and_gradients(ratio, aligned):
+  rng = np.random.default_rng(10 * ratio + aligned)
+  maps = [jnp.asarray(m) for m in _maps(rng)]
+  boxes = jnp.asarray(_boxes(rng))
+  assert set(np.asarray(fpn_levels(boxes)).ravel().tolist()) == {0, 1, 2, 3}
+  cotangent = jnp.asarray(rng.normal(size=boxes.shape[:2] + _OUT + (3,)).astype(np.float32))
+  gathered, gather_grads = _pool_and_grad(maps, boxes, cotangent, ratio, aligned, "gather")
+  dense, dense_grads = _pool_and_grad(maps, boxes, cotangent, ratio, aligned, "dense")
+  assert gathered.shape == dense.shape == boxes.shape[:2] + _OUT + (3,)
+  np.testing.assert_allclose(np.asarray(gathered), np.asarray(dense), rtol=1e-5, atol=1e-5)
+  # Some RoIs are entirely outside their map: exactly zero, not merely small.
+  assert (np.abs(np.asarray(gathered)).max(axis=(2, 3, 4)) == 0).sum() >= 2
+  for level, (g, d) in enumerate(zip(gather_grads, dense_grads)):
+    assert np.abs(np.asarray(d)).max() > 0, level
+    np.testing.assert_allclose(np.asarray(g), np.asarray(d), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_gather_matches_numpy_cpp_loop(aligned):
+  rng = np.random.default_rng(20 + aligned)
+  maps, boxes = _maps(rng), _boxes(rng)
+  cotangent = jnp.zeros(boxes.shape[:2] + _OUT + (3,))
+  out, _ = _pool_and_grad([jnp.asarray(m) for m in maps], jnp.asarray(boxes), cotangent, 2,
+                          aligned, "gather")
+  assigned = np.asarray(fpn_levels(jnp.asarray(boxes)))
+  for b in range(boxes.shape[0]):
+    for r, box in enumerate(boxes[b]):
+      index = assigned[b, r]
+      expected = _numpy_fixed_ratio(maps[index][b], box, 2.0**-_LEVELS[index], 2, aligned)
+      np.testing.assert_allclose(np.asarray(out[b, r]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_accumulates_in_float32():
+  rng = np.random.default_rng(30)
+  maps = [jnp.asarray(m, jnp.bfloat16) for m in _maps(rng)]
+  boxes = jnp.asarray(_boxes(rng))
+  cotangent = jnp.asarray(rng.normal(size=boxes.shape[:2] + _OUT + (3,)).astype(np.float32))
+  out, grads = _pool_and_grad(maps, boxes, cotangent, 2, True, "gather")
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  # float32 reference on the same (bf16-valued) inputs: the result is its rounding to bf16.
+  reference, reference_grads = _pool_and_grad([m.astype(jnp.float32) for m in maps], boxes,
+                                              cotangent.astype(jnp.bfloat16).astype(jnp.float32),
+                                              2, True, "dense")
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(reference),
+                             rtol=2**-8, atol=1e-6)
+  for g, r in zip(grads, reference_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), rtol=2**-8, atol=1e-6)
+
+
+def test_method_selection_and_errors():
+  maps = [jnp.zeros((1, 24 >> k, 32 >> k, 2)) for k in range(4)]
+  boxes = jnp.zeros((1, 3, 4))
+
+  def primitives(ratio, method):
+    jaxpr = jax.make_jaxpr(lambda m: multilevel_roi_align(m, boxes, 2, sampling_ratio=ratio,
+                                                          method=method))(maps)
+    return {equation.primitive.name for equation in jaxpr.jaxpr.eqns}
+
+  assert "gather" in primitives(2, "auto") and "dot_general" not in primitives(2, "auto")
+  assert "dot_general" in primitives(0, "auto") and "dot_general" in primitives(2, "dense")
+  with pytest.raises(ValueError, match="sampling_ratio > 0"):
+    multilevel_roi_align(maps, boxes, 2, sampling_ratio=0, method="gather")
+  with pytest.raises(ValueError, match="method must be"):
+    multilevel_roi_align(maps, boxes, 2, sampling_ratio=2, method="sparse")
+  with pytest.raises(ValueError, match="same channel count"):
+    multilevel_roi_align(maps[:3] + [jnp.zeros((1, 3, 4, 5))], boxes, 2, sampling_ratio=2)
+
+
+# --- tests.torch_reference.lean_roi_align, the other tests' reference, against torchvision ---
+
+MAP = 12  # feature map side, cells
+POOLED = (3, 2)  # output bins (PH, PW)
+
+
+def _python_roi_align(torch):
+  """torchvision's `_roi_align` with the C++ kernel's out-of-map rule, as roi_align's signature."""
+  import_torchvision()
+  module = importlib.import_module("torchvision.ops.roi_align")  # the module, not the function
+  interpolate = module._bilinear_interpolate
+
+  def bilinear_interpolate(features, batch_index, y, x, ymask, xmask):
+    height, width = features.shape[-2:]
+    inside_y = (y >= -1) & (y <= height)  # [K, PH, IY]
+    inside_x = (x >= -1) & (x <= width)  # [K, PW, IX]
+    inside = inside_y[:, None, :, None, :, None] & inside_x[:, None, None, :, None, :]
+    return torch.where(inside, interpolate(features, batch_index, y, x, ymask, xmask), 0)
+
+  def roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    module._bilinear_interpolate = bilinear_interpolate
+    try:
+      return module._roi_align.__wrapped__(features, rois, spatial_scale, *output_size,
+                                           sampling_ratio, aligned)
+    finally:
+      module._bilinear_interpolate = interpolate
+  return roi_align
+
+
+def _kernel_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+  """torchvision's C++ RoIAlign forward, one sample at a time (numpy, float64)."""
+  _, channels, height, width = features.shape
+  pooled_h, pooled_w = output_size
+
+  def bilinear(image, y, x):
+    if y < -1 or y > height or x < -1 or x > width:
+      return np.zeros(channels)
+    y, x = max(y, 0.0), max(x, 0.0)
+    y0, x0 = int(y), int(x)
+    if y0 >= height - 1:
+      y0 = y1 = height - 1
+      y = float(y0)
+    else:
+      y1 = y0 + 1
+    if x0 >= width - 1:
+      x0 = x1 = width - 1
+      x = float(x0)
+    else:
+      x1 = x0 + 1
+    ly, lx = y - y0, x - x0
+    return ((1 - ly) * (1 - lx) * image[:, y0, x0] + (1 - ly) * lx * image[:, y0, x1]
+            + ly * (1 - lx) * image[:, y1, x0] + ly * lx * image[:, y1, x1])
+
+  out = np.zeros((len(rois), channels, pooled_h, pooled_w))
+  offset = 0.5 if aligned else 0.0
+  for k, (b, *box) in enumerate(rois):
+    x1, y1, x2, y2 = (v * spatial_scale - offset for v in box)
+    roi_h, roi_w = y2 - y1, x2 - x1
+    if not aligned:
+      roi_h, roi_w = max(roi_h, 1.0), max(roi_w, 1.0)
+    bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
+    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / pooled_h)
+    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled_w)
+    for i in range(pooled_h):
+      for j in range(pooled_w):
+        total = np.zeros(channels)
+        for iy in range(grid_h):
+          for ix in range(grid_w):
+            total += bilinear(features[int(b)], y1 + i * bin_h + (iy + 0.5) * bin_h / grid_h,
+                              x1 + j * bin_w + (ix + 0.5) * bin_w / grid_w)
+        out[k, :, i, j] = total / max(grid_h * grid_w, 1)
+  return out
+
+
+def _inputs(torch, spatial_scale, dtype=None, seed=0):
+  """Features [3, 4, MAP, MAP] and RoIs [K, 5] in image coordinates (map / spatial_scale)."""
+  dtype = dtype or torch.float64
+  rng = np.random.default_rng(seed)
+  features = rng.normal(size=(3, 4, MAP, MAP))
+  side = MAP / spatial_scale
+  cells = np.array([
+      [0, 1.0, 2.0, 9.0, 7.5],  # inside
+      [1, 0.3, 0.6, 11.7, 11.2],  # almost the whole map
+      [2, 4.2, 5.1, 4.6, 5.3],  # under a cell
+      [0, 6.0, 6.0, 6.0, 6.0],  # empty
+      [1, -3.5, 8.0, 2.5, 14.5],  # partly left and below the map
+      [2, 10.5, -2.7, 16.0, 3.0],  # partly right and above
+      [0, 13.5, 1.0, 20.0, 6.0],  # wholly right of the map
+      [1, -9.0, -8.0, -1.6, -1.2],  # wholly above-left
+      [2, 11.4, 11.6, 11.9, 12.0],  # a thin sliver at the bottom-right edge
+  ])
+  random = np.concatenate([rng.integers(0, 3, (6, 1)), rng.uniform(-2, 14, (6, 4))], 1)
+  random[:, 3:] = np.maximum(random[:, 1:3], random[:, 3:]) + rng.uniform(0, 3, (6, 2))
+  rois = np.concatenate([cells, random])
+  rois[:, 1:] *= side / MAP
+  return (torch.tensor(features, dtype=dtype, requires_grad=True),
+          torch.tensor(rois, dtype=dtype))
+
+
+def _forward_and_grad(roi_align, features, rois, grad, *args):
+  features.grad = None
+  out = roi_align(features, rois, *args)
+  (out * grad).sum().backward()
+  return out.detach().numpy(), features.grad.numpy()
+
+
+@pytest.mark.parametrize("spatial_scale", [0.25, 1 / 32])
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_matches_torchvision_python_roi_align(aligned, sampling_ratio, spatial_scale):
+  import_torchvision()
+  import torch
+  features, rois = _inputs(torch, spatial_scale)
+  # The Python reference samples adaptive grids of at most MAP per bin; stay within them.
+  assert (rois[:, 3:] - rois[:, 1:3]).max() * spatial_scale / min(POOLED) <= MAP
+  grad = torch.randn(len(rois), features.shape[1], *POOLED, generator=torch.Generator()
+                     .manual_seed(1), dtype=features.dtype)
+  args = (POOLED, spatial_scale, sampling_ratio, aligned)
+  out, grad_in = _forward_and_grad(lean_roi_align, features, rois, grad, *args)
+  ref, _ = _forward_and_grad(_python_roi_align(torch), features, rois, grad, *args)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  # A RoI without samples (aligned, adaptive, zero size: a 0 / 0 sample step) has a NaN input
+  # gradient in the Python version and none in the kernel; leave it out of the reference's.
+  adaptive_empty = aligned and sampling_ratio <= 0
+  sampled = (rois[:, 3:] - rois[:, 1:3]).min(1).values > 0 if adaptive_empty else slice(None)
+  _, ref_grad = _forward_and_grad(_python_roi_align(torch), features, rois[sampled],
+                                  grad[sampled], *args)
+  np.testing.assert_allclose(grad_in, ref_grad, rtol=1e-5, atol=1e-5)
+  kernel = _kernel_roi_align(features.detach().numpy(), rois.numpy(), *args)
+  np.testing.assert_allclose(out, kernel, rtol=1e-5, atol=1e-5)
+  # The boxes outside the map make the out-of-map rule matter: reading the clamped border
+  # instead (the Python version as shipped) changes some outputs.
+  from torchvision.ops.roi_align import _roi_align
+  with torch.no_grad():
+    border = _roi_align.__wrapped__(features, rois, spatial_scale, *POOLED, sampling_ratio,
+                                    aligned)
+  assert np.abs(out - border.numpy()).max() > 1e-3
+
+
+def test_float32_list_boxes_and_chunks(monkeypatch):
+  """float32 features, boxes as one [Ki, 4] tensor per image and RoIs split into many chunks
+  give the reference's values and gradients."""
+  import_torchvision()
+  import torch
+  features, rois = _inputs(torch, 0.25, torch.float32, seed=3)
+  grad = torch.randn(len(rois), features.shape[1], 2, 2, generator=torch.Generator()
+                     .manual_seed(2))
+  order = torch.argsort(rois[:, 0], stable=True)
+  rois = rois[order]
+  per_image = [rois[rois[:, 0] == i, 1:] for i in range(3)]
+  ref, ref_grad = _forward_and_grad(_python_roi_align(torch), features, rois, grad, (2, 2), 0.25,
+                                    0, False)
+  monkeypatch.setattr(torch_reference, "_ROI_ALIGN_PAIRS", 100)  # 1 RoI per chunk at most
+  out, grad_in = _forward_and_grad(lean_roi_align, features, per_image, grad, 2, 0.25, 0, False)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_in, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_no_rois_and_bad_boxes():
+  import_torchvision()
+  import torch
+  features = torch.randn(2, 3, 8, 8, requires_grad=True)
+  out = lean_roi_align(features, torch.zeros(0, 5), 7, 0.25, 2)
+  assert out.shape == (0, 3, 7, 7)
+  out.sum().backward()
+  assert features.grad.abs().sum() == 0
+  with pytest.raises(ValueError, match=r"\[K, 5\]"):
+    lean_roi_align(features, torch.zeros(4, 4), 7)
+  with pytest.raises(ValueError, match=r"\[Ki, 4\]"):
+    lean_roi_align(features, [torch.zeros(4, 5)], 7)
+  with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+    lean_roi_align(features[0], torch.zeros(1, 5), 7)
