@@ -1,2 +1,4 @@
-"""segjax tests; a regular package so that another `tests` on sys.path (mmsegmentation's
-wheel installs one) cannot shadow it."""
+"""segjax tests. A regular package (not a namespace one) so that `tests.*` imports resolve
+here even when a dependency installs its own top-level `tests` package into site-packages
+(mmsegmentation 1.2.2's wheel does).
+"""

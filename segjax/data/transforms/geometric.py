@@ -185,9 +185,9 @@ def resize(scale, keep_ratio: bool = True, resize_labels: bool = True) -> Op:
 def random_resize(scale, ratio_range=(0.5, 2.0)) -> Op:
   """mmseg `RandomResize` with ratio_range and keep_ratio=True.
 
-  Draws ratio ~ U(ratio_range), scales `scale` (w, h) by it (rounded half up),
-  then resizes as `resize(keep_ratio=True)` does: this is the usual multi-scale
-  training augmentation.
+  Draws ratio ~ U(ratio_range), scales `scale` (w, h) by it (truncated to ints,
+  as mmcv's `_random_sample_ratio`), then resizes as `resize(keep_ratio=True)`
+  does: this is the usual multi-scale training augmentation.
   """
   scale = _int_pair(scale, "random_resize", "scale")
   low, high = _range(ratio_range, "random_resize", "ratio_range")
@@ -195,7 +195,7 @@ def random_resize(scale, ratio_range=(0.5, 2.0)) -> Op:
 
   def fn(example, rng):
     ratio = rng.uniform(low, high)
-    target = (int(scale[0] * ratio + 0.5), int(scale[1] * ratio + 0.5))
+    target = (int(scale[0] * ratio), int(scale[1] * ratio))
     size = _aligned_size(example, "random_resize")
     return _resize(example, *keep_ratio_size(*size, target))
   return fn
