@@ -3,6 +3,7 @@ default, the plain argmax when its pairwise weights are 0, a refinement that
 changes labels otherwise; batched evaluation refuses it with a sentence."""
 import jax
 import numpy as np
+import pytest
 
 from configs import unet_shapes
 from segjax.inference import per_image
