@@ -39,7 +39,7 @@ next to the CPU-only torch of this environment, so the reference runs with
 `tests.torch_reference.plain_torch_detection_ops()`: its RoIAlign (the box and mask heads'
 MultiScaleRoIAlign and the mask targets of `project_masks_on_boxes`) is `lean_roi_align` there,
 plain torch computing what torchvision's C++ kernel does (checked against torchvision's
-pure-Python `_roi_align` in tests/test_torch_roi_align.py), and its NMS a greedy one (numpy).
+pure-Python `_roi_align` in tests/ops/test_torch_roi_align.py), and its NMS a greedy one (numpy).
 It is therefore slower than real torchvision on the CPU; its figures are a lower bound on
 torchvision's speed.
 

@@ -116,8 +116,8 @@ def main():
   print(f"timed: batch {args.batch} x {args.size}x{args.size}; GFLOPs: one "
         f"{args.flops_size}x{args.flops_size} image; {NUM_CLASSES} classes; jax {jax.__version__} "
         f"on {jax.devices()[0].platform}")
-  print(f"| model | params (M) | fwd GFLOPs at {args.flops_size} | compile (s) | XLA mem est. (GB) | "
-        "train img/s | torchvision img/s | segjax/torch speed |")
+  print(f"| model | params (M) | fwd GFLOPs at {args.flops_size} | compile (s) | "
+        "XLA mem est. (GB) | train img/s | torchvision img/s | segjax/torch speed |")
   print("|---|---|---|---|---|---|---|---|")
   for name in args.models:
     options, builder = MODELS[name]

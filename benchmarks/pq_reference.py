@@ -1,6 +1,6 @@
 """A straightforward panoptic quality reference and a synthetic COCO panoptic data writer.
 
-Shared by tests/test_panoptic_quality.py and benchmarks/pq_compute.py. The
+Shared by tests/metrics/test_panoptic_quality.py and benchmarks/pq_compute.py. The
 reference follows the PQ rules of shared/REFERENCE.md literally, one boolean
 mask per segment and one loop per segment pair, with its own PNG reader; it
 shares no code with segjax.metrics.panoptic.

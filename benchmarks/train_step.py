@@ -7,14 +7,16 @@ in PyTorch, each implementation in its own child process of one run.
 Models, full size as `build_model(name, 21, options)` builds them: U-Net (width 64, depth 4),
 FCN-8s (VGG-16), PSPNet (ResNet-50-D8) and DeepLabV3+ (ResNet-50, output stride 16). The
 references are the same networks in PyTorch, layer for layer: `benchmarks/torch_models.py`
-(parameter names, shapes and outputs checked against segjax in tests/test_torch_models.py) and
-the U-Net of `benchmarks/unet_train_step.py`. Both sides run the whole step on one fixed random
+(parameter names, shapes and outputs checked against segjax in
+tests/benchmarks/test_torch_models.py) and the U-Net of `benchmarks/unet_train_step.py`. Both
+sides run the whole step on one fixed random
 batch: forward in training mode (BatchNorm batch statistics, dropout), pixel-mean cross-entropy
 (+ 0.4 x the aux head's where the model has one), backward, SGD with momentum.
 
 Each implementation runs in a fresh child process, so its peak RSS (`ru_maxrss`, the whole
 process: runtime, compiler, model, activations) is its own, and each row can have its own
-XLA_FLAGS; segjax's main rows use train.py's defaults (configs/default.py's `xla_flags`). segjax's step is jitted with the state donated; its compile time (lower + compile) is
+XLA_FLAGS; segjax's main rows use train.py's defaults (configs/default.py's `xla_flags`).
+segjax's step is jitted with the state donated; its compile time (lower + compile) is
 reported apart, and XLA's own buffer estimate (arguments + outputs + temporaries) beside the
 RSS. Times are the median of --repeats steps after --warmup untimed ones. PyTorch uses as many
 threads as there are CPUs, eager NCHW (its default) and channels_last.

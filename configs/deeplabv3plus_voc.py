@@ -13,7 +13,7 @@ Data: `voc2012_aug` needs VOCtrainval_11-May-2012.tar and SBD's benchmark.tgz
 in the manual dir (see README). Variants: `` (20k), `40k`, `smoke` (the same
 architecture scaled down, on the embedded segjax_shapes data).
 """
-from configs import default
+from configs import common, default
 
 EVAL_OPS = ("resize(scale=(2048, 512), resize_labels=False)|"
             "pad(size=(2048, 2048), label_size=(512, 512))")
@@ -39,13 +39,7 @@ def get_config(variant: str = ""):
 
   config.inference.scale = (2048, 512)  # whole/slide modes: the recipe's test resize
 
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.01
-  config.optimizer.min_learning_rate = 1e-4
-  config.optimizer.schedule = "poly"
-  config.optimizer.poly_power = 0.9
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
+  common.mmseg_sgd_poly(config)
   config.total_steps = 20_000
   config.eval_every = config.checkpoint_every = 2_000
   config.log_every = 50
@@ -56,27 +50,17 @@ def get_config(variant: str = ""):
   elif variant == "smoke":
     config.model.options = dict(backbone="resnet18", backbone_width=8, output_stride=8,
                                 channels=16, low_level_channels=8, aux_channels=8)
-    _shapes_smoke(config)
+    # From scratch, 40 steps: a larger learning rate than the recipe's; eval scored at
+    # the original size.
+    common.shapes_smoke(
+        config, learning_rate=0.05,
+        train_ops=("random_resize(scale=(128, 128), ratio_range=(0.5, 2.0))|"
+                   "random_crop(size=(128, 128), cat_max_ratio=0.75)|"
+                   "random_flip(prob=0.5)|photometric_distortion"),
+        eval_ops=("resize(scale=(96, 96), resize_labels=False)|"
+                  "pad(size=(96, 96), label_size=(128, 128))"))
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of deeplabv3plus_voc; use '', '40k' or "
                      "'smoke'.")
   config.lock()
   return config
-
-
-def _shapes_smoke(config) -> None:
-  """A 40-step run on the embedded data, eval scored at the original size."""
-  config.data.name = "segjax_shapes"
-  config.inference.scale = (0, 0)
-  config.data.train_split = "train"
-  config.data.train_ops = ("random_resize(scale=(128, 128), ratio_range=(0.5, 2.0))|"
-                           "random_crop(size=(128, 128), cat_max_ratio=0.75)|"
-                           "random_flip(prob=0.5)|photometric_distortion")
-  config.data.eval_ops = ("resize(scale=(96, 96), resize_labels=False)|"
-                          "pad(size=(96, 96), label_size=(128, 128))")
-  config.data.batch_size = 8
-  config.data.eval_batch_size = 32
-  config.optimizer.learning_rate = 0.05  # from scratch, 40 steps: larger than the recipe's
-  config.total_steps = 40
-  config.log_every = 5
-  config.eval_every = config.checkpoint_every = 40

@@ -13,7 +13,7 @@ config's choice. Start the encoder from ImageNet weights with
 Variants: `` (needs voc2012_aug, see README), `smoke` (scaled-down FCN-8s on
 the embedded segjax_shapes data).
 """
-from configs import default
+from configs import common, default
 
 
 def get_config(variant: str = ""):
@@ -39,16 +39,8 @@ def get_config(variant: str = ""):
 
   if variant == "smoke":
     config.model.options = dict(backbone="vgg16", width=4, fc_width=32)
-    config.data.name = "segjax_shapes"
-    config.data.train_split = "train"
-    config.data.train_ops = "random_flip(prob=0.5)"
-    config.data.eval_ops = ""
-    config.data.batch_size = 8
-    config.data.eval_batch_size = 32
-    config.optimizer.learning_rate = 0.01  # from scratch, 40 steps
-    config.total_steps = 40
-    config.log_every = 5
-    config.eval_every = config.checkpoint_every = 40
+    common.shapes_smoke(config, learning_rate=0.01,  # from scratch, 40 steps
+                        train_ops="random_flip(prob=0.5)", eval_ops="")
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of fcn8s_voc; use '' or 'smoke'.")
   config.lock()

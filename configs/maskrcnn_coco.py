@@ -17,7 +17,7 @@ torchvision `maskrcnn_resnet50_fpn` checkpoint (`--arch maskrcnn_resnet50_fpn`).
 Variants: `` (1x), `3x` (270k steps, drops at 210k and 250k), `smoke` (the same
 model scaled down, on the embedded segjax_shapes data).
 """
-from configs import default
+from configs import common, default
 from configs.maskrcnn_shapes import shapes_smoke
 
 TRAIN_SIZES = tuple(range(640, 801, 32))
@@ -46,16 +46,8 @@ def get_config(variant: str = "", mask: bool = True):
   config.data.eval_batch_size = 8
   config.inference.scale = (1333, 800)  # predict.py: the test resize
 
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.02
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.schedule = "steps"
-  config.optimizer.warmup_steps = 1000
-  config.optimizer.warmup_factor = 0.001
-  config.optimizer.decay_steps = (60_000, 80_000)
-  config.optimizer.decay_factor = 0.1
-  config.total_steps = 90_000
+  common.detectron2_sgd_steps(config, learning_rate=0.02, decay_steps=(60_000, 80_000),
+                              total_steps=90_000)
   config.log_every = 20
   config.eval_every = config.checkpoint_every = 10_000
 

@@ -8,7 +8,7 @@ flips on 1024x2048 images padded to 1024x2048 crops of the scaled image; testing
 the full 1024x2048. Stuff area limit 2048 (Cityscapes' images are 2 Mpx).
 Variants: `` and `smoke` (tiny, on segjax_shapes).
 """
-from configs import default, panoptic_fpn_shapes
+from configs import common, default, panoptic_fpn_shapes
 
 TRAIN_SIZES = tuple(range(800, 1025, 32))
 
@@ -34,15 +34,8 @@ def get_config(variant: str = ""):
   config.data.batch_size = 8
   config.data.eval_batch_size = 8
   config.inference.panoptic.stuff_area_threshold = 2048
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.01
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.schedule = "steps"
-  config.optimizer.warmup_steps = 1000
-  config.optimizer.warmup_factor = 0.001
-  config.optimizer.decay_steps = (18_000,)
-  config.total_steps = 24_000
+  common.detectron2_sgd_steps(config, learning_rate=0.01, decay_steps=(18_000,),
+                              total_steps=24_000)
   config.log_every = 20
   config.eval_every = config.checkpoint_every = 4_000
   config.lock()

@@ -13,7 +13,7 @@ test set).
 Variants: `` (needs camvid, see README), `smoke` (scaled-down SegNet on the
 embedded segjax_shapes data).
 """
-from configs import default
+from configs import common, default
 from segjax.data.camvid_builder import SEGNET_CLASS_WEIGHTS
 
 
@@ -41,13 +41,7 @@ def get_config(variant: str = ""):
   if variant == "smoke":
     config.model.options = dict(width=4)
     config.loss.class_weights = (2.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0)
-    config.data.name = "segjax_shapes"
-    config.data.batch_size = 8
-    config.data.eval_batch_size = 32
-    config.optimizer.learning_rate = 0.05
-    config.total_steps = 40
-    config.log_every = 5
-    config.eval_every = config.checkpoint_every = 40
+    common.shapes_smoke(config, learning_rate=0.05)
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of segnet_camvid; use '' or 'smoke'.")
   config.lock()

@@ -2,7 +2,7 @@
 
 Variants: `configs/unet_shapes.py` (the main job) and `:smoke` (tiny, for CI).
 """
-from configs import default
+from configs import common, default
 
 
 def get_config(variant: str = ""):
@@ -33,13 +33,8 @@ def get_config(variant: str = ""):
   if variant == "smoke":
     config.model.options.width = 4
     config.model.options.depth = 2
-    config.data.batch_size = 8
-    config.data.eval_batch_size = 32
-    config.optimizer.learning_rate = 0.01
+    common.shapes_smoke(config, learning_rate=0.01)
     config.optimizer.warmup_steps = 2
-    config.total_steps = 40
-    config.log_every = 5
-    config.eval_every = 40
     config.checkpoint_every = 20
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of unet_shapes; use '' or 'smoke'.")

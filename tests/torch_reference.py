@@ -18,7 +18,7 @@ there: run eagerly it builds int64 indices and values of shape [K, C, PH, PW,
 IY, IX] (IY, IX = H, W with adaptive sampling), tens of GB for a Mask R-CNN
 train step at 512x512, and it reads the clamped border where the C++ kernel
 adds 0. `lean_roi_align` computes the C++ kernel's result with small indices
-(tests/test_torch_roi_align.py checks it against `_roi_align`).
+(tests/ops/test_torch_roi_align.py checks it against `_roi_align`).
 """
 import contextlib
 import importlib

@@ -7,8 +7,9 @@ Runs one classical segmentation method on an image file (read with PIL as RGB) a
                                    region boundaries drawn in white,
 then prints one line with the number of regions (distinct label ids, so the unreached label 0
 of region growing counts as one) and both paths. `METHOD --help` lists a method's options.
-Bad arguments are argparse usage errors; an unreadable image or a value the method rejects is
-a one-sentence error; both exit with status 2.
+Flags are spelled as train.py's absl flags are: `--flag_name value` or `--flag_name=value`,
+and `--noflag` turns a boolean off. Bad arguments are argparse usage errors; an unreadable
+image or a value the method rejects is a one-sentence error; both exit with status 2.
 """
 import argparse
 import os
@@ -179,7 +180,7 @@ def _felzenszwalb(image, args):
 
 def _add_max_size(parser, default: int) -> None:
   parser.add_argument(
-      "--max-size", type=_nonnegative_int, default=default,
+      "--max_size", type=_nonnegative_int, default=default,
       help="the method builds N x N pixel matrices, so an image whose longer side exceeds this "
            "is first downscaled (area average) to that side; the labels are upsampled back to "
            "the input size by nearest neighbour. 0: never downscale (default %(default)s)")
@@ -188,9 +189,9 @@ def _add_max_size(parser, default: int) -> None:
 def _add_features(parser) -> None:
   parser.add_argument("--features", choices=FEATURE_MODES, default="color",
                       help="cluster on RGB in [0, 1] (color) or RGB plus the pixel position "
-                           "scaled to [0, position-weight] (color_position) (default "
+                           "scaled to [0, position_weight] (color_position) (default "
                            "%(default)s)")
-  parser.add_argument("--position-weight", type=_nonnegative_float, default=1.0,
+  parser.add_argument("--position_weight", type=_nonnegative_float, default=1.0,
                       help="scale of the position features (default %(default)s)")
 
 
@@ -204,7 +205,7 @@ def _configure_kmeans(parser):
                       help="number of clusters (default %(default)s)")
   parser.add_argument("--seed", type=int, default=0,
                       help="random seed of the k-means++ seeding (default %(default)s)")
-  parser.add_argument("--max-iterations", type=_positive_int, default=100,
+  parser.add_argument("--max_iterations", type=_positive_int, default=100,
                       help="most Lloyd iterations (default %(default)s)")
   _add_features(parser)
 
@@ -215,7 +216,7 @@ def _configure_mean_shift(parser):
                            "units, RGB in [0, 1] (default %(default)s)")
   parser.add_argument("--kernel", choices=KERNELS, default="flat",
                       help="mean-shift kernel (default %(default)s)")
-  parser.add_argument("--max-iterations", type=_positive_int, default=50,
+  parser.add_argument("--max_iterations", type=_positive_int, default=50,
                       help="most shift steps (default %(default)s)")
   _add_features(parser)
   _add_max_size(parser, 64)
@@ -228,9 +229,11 @@ def _configure_region_growing(parser):
   parser.add_argument("--threshold", type=_nonnegative_float, default=20.0,
                       help="a pixel joins a neighbouring region when its channel mean (0..255) "
                            "is within this of the region's mean (default %(default)s)")
-  parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
-                      help="shrink each region's threshold by its std / mean ratio (default "
-                           "%(default)s)")
+  parser.add_argument("--adaptive", action="store_true", default=True,
+                      help="shrink each region's threshold by its std / mean ratio (the "
+                           "default; --noadaptive turns it off)")
+  parser.add_argument("--noadaptive", dest="adaptive", action="store_false",
+                      help="a fixed threshold for every region")
   parser.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
                       help="pixel neighbourhood (default %(default)s)")
 
@@ -239,12 +242,12 @@ def _configure_split_merge(parser):
   parser.add_argument("--predicate", choices=PREDICATES, default="variance",
                       help="homogeneity test on the channel mean, 0..255 (default "
                            "%(default)s)")
-  parser.add_argument("--max-variance", type=_nonnegative_float, default=100.0,
+  parser.add_argument("--max_variance", type=_nonnegative_float, default=100.0,
                       help="largest variance of a homogeneous region (default %(default)s)")
-  parser.add_argument("--max-range", type=_nonnegative_float, default=40.0,
+  parser.add_argument("--max_range", type=_nonnegative_float, default=40.0,
                       help="largest max - min of a homogeneous region, for --predicate range "
                            "(default %(default)s)")
-  parser.add_argument("--min-block", type=_positive_int, default=2,
+  parser.add_argument("--min_block", type=_positive_int, default=2,
                       help="smallest quadtree block side (default %(default)s)")
 
 
@@ -255,15 +258,15 @@ def _configure_normalized_cut(parser):
   parser.add_argument("--features", choices=FEATURES, default="intensity",
                       help="gray value or Shi & Malik's HSV cone, RGB in [0, 1] (default "
                            "%(default)s)")
-  parser.add_argument("--sigma-feature", type=_positive_float, default=0.1,
+  parser.add_argument("--sigma_feature", type=_positive_float, default=0.1,
                       help="feature scale of the affinities (default %(default)s)")
-  parser.add_argument("--sigma-position", type=_positive_float, default=4.0,
+  parser.add_argument("--sigma_position", type=_positive_float, default=4.0,
                       help="spatial scale of the affinities, pixels of the (downscaled) image "
                            "(default %(default)s)")
   parser.add_argument("--radius", type=_positive_float, default=5.0,
                       help="pixels this far apart (in the downscaled image) are not linked "
                            "(default %(default)s)")
-  parser.add_argument("--max-ncut", type=_nonnegative_float, default=None,
+  parser.add_argument("--max_ncut", type=_nonnegative_float, default=None,
                       help="reject splits with a larger Ncut (in [0, 2]; default: accept all)")
   _add_max_size(parser, 32)
 
@@ -303,7 +306,7 @@ def _configure_felzenszwalb(parser):
                       help="larger values give larger segments (default %(default)s)")
   parser.add_argument("--sigma", type=_nonnegative_float, default=0.8,
                       help="Gaussian pre-smoothing width in pixels (default %(default)s)")
-  parser.add_argument("--min-size", type=_nonnegative_int, default=20,
+  parser.add_argument("--min_size", type=_nonnegative_int, default=20,
                       help="smallest segment in pixels (default %(default)s)")
 
 
@@ -315,14 +318,14 @@ METHODS = {
                    "bright."),
     "kmeans": (_kmeans, _configure_kmeans, "k-means clusters of the pixel colours."),
     "mean_shift": (_mean_shift, _configure_mean_shift,
-                   "mean-shift clusters of the pixel colours (O(N^2); see --max-size)."),
+                   "mean-shift clusters of the pixel colours (O(N^2); see --max_size)."),
     "region_growing": (_region_growing, _configure_region_growing,
                        "seeded region growing on the channel mean."),
     "split_merge": (_split_merge, _configure_split_merge,
                     "quadtree split and greedy merge into homogeneous regions."),
     "normalized_cut": (_normalized_cut, _configure_normalized_cut,
                        "recursive normalized cuts (N x N affinities, O(N^3) per cut; see "
-                       "--max-size)."),
+                       "--max_size)."),
     "min_cut": (_min_cut, _configure_min_cut,
                 "seeded s-t minimum cut: 0 background, 1 foreground."),
     "watershed": (_watershed, _configure_watershed,

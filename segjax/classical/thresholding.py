@@ -13,8 +13,8 @@ The histogram follows scikit-image (`skimage.filters.threshold_otsu` and
   int32) get the float binning, not skimage's one bin per integer value.
 A threshold is always a bin centre. For n thresholds at bin indices t_1 < ... < t_n,
 class k holds bins t_{k-1} + 1 .. t_k (t_0 = -1, t_{n+1} = last bin), and the chosen
-indices maximise the between-class variance sum_k w_k (mu_k - mu)^2 (w_k pixel count, mu_k class mean,
-mu the image mean) over all thresholds between the first and last occupied bin.
+indices maximise the between-class variance sum_k w_k (mu_k - mu)^2 (w_k pixel count,
+mu_k class mean, mu the image mean) over all thresholds between the first and last occupied bin.
 The search is an exact dynamic programme over bins: O(classes * bins^2) work, no
 data-dependent shapes; ties go to the lexicographically smallest indices, as in
 skimage. Counts and first moments are exact int32 prefix sums (float32 when

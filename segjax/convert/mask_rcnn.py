@@ -4,8 +4,8 @@ A whole `maskrcnn_resnet50_fpn` (or, without mask keys, `fasterrcnn_resnet50_fpn
 becomes the variables of `MaskRCNN(**mask_rcnn_options(variables))`:
 
   backbone.*                        -> params/backbone, batch_stats/backbone  (convert/fpn.py)
-  rpn.head.*                        -> params/rpn_head                   (models/rpn.py)
-  roi_heads.box_head/box_predictor  -> params/box_head                   (models/roi_heads.py)
+  rpn.head.*                        -> params/rpn_head                   (convert/rpn.py)
+  roi_heads.box_head/box_predictor  -> params/box_head                   (convert/roi_heads.py)
   roi_heads.mask_head/mask_predictor -> params/mask_head (Mask R-CNN only)
 
 torchvision counts the background among its classes (91 for COCO); segjax's `num_classes` does
@@ -23,9 +23,9 @@ from flax import traverse_util
 from segjax.backbones.resnet import ARCHS
 from segjax.convert.common import CONVERTERS
 from segjax.convert.fpn import torch_resnet_fpn_to_flax
+from segjax.convert.roi_heads import roi_heads_config, torch_roi_heads_to_flax
+from segjax.convert.rpn import torch_rpn_head_to_flax
 from segjax.models.mask_rcnn import MaskRCNN
-from segjax.models.roi_heads import roi_heads_config, torch_roi_heads_to_flax
-from segjax.models.rpn import torch_rpn_head_to_flax
 
 _PREFIXES = ("backbone.", "rpn.head.", "roi_heads.")
 

@@ -65,7 +65,8 @@ def torch_resnet_to_flax(state_dict: Mapping[str, Any], depth: int,
 
 # torchvision segmentation heads: segjax module path -> torch module name.
 _HEAD_MODULES = {
-    "deeplabv3": [(r"aspp/branch(\d)/(conv|bn)", lambda m: f"classifier.0.convs.{m[1]}.{_cb(m[2])}"),
+    "deeplabv3": [(r"aspp/branch(\d)/(conv|bn)",
+                   lambda m: f"classifier.0.convs.{m[1]}.{_cb(m[2])}"),
                   (r"aspp/pool_branch/(conv|bn)",
                    lambda m: f"classifier.0.convs.4.{1 + (m[1] == 'bn')}"),
                   (r"aspp/project/(conv|bn)", lambda m: f"classifier.0.project.{_cb(m[1])}"),

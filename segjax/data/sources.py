@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from segjax.data.tfds_builders import DatasetNotFoundError
+from segjax.data.tfds_builders import DatasetNotFoundError  # noqa: F401  (re-exported)
 from segjax.registry import Registry
 
 

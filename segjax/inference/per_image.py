@@ -5,7 +5,7 @@ from typing import Any
 
 import ml_collections
 
-from segjax.data.compose import compose, op
+from segjax.data import transforms
 from segjax.data.sources import DatasetSpec
 from segjax.inference.semantic import SemanticPredictor
 
@@ -40,6 +40,6 @@ def crf_options(config: ml_collections.ConfigDict):
 def label_pipeline(config: ml_collections.ConfigDict, dataset: DatasetSpec):
   """The ops that turn a record into the uint8 image and checked labels scored at
   the original size (`inference.label_ops` included)."""
-  return compose(op("squeeze_labels"), op("check_image"), config.inference.label_ops,
-                 op("check_labels", num_classes=dataset.num_classes,
-                    ignore_index=dataset.ignore_index))
+  return transforms.compose(
+      transforms.squeeze_labels(), transforms.check_image(), config.inference.label_ops,
+      transforms.check_labels(num_classes=dataset.num_classes, ignore_index=dataset.ignore_index))

@@ -11,10 +11,10 @@ functions of static shapes, each compiled once per shape and kept:
   are used.
 * slide (mmseg `slide_inference`): windows of `window` at `stride`, the last
   row and column shifted to end at the border; an image smaller than the
-  window is padded up to it, again with zeros after normalization. The windows run in fixed batches of
-  `window_batch` (the last one padded), so one compiled model serves every
-  image; their logits are summed into a canvas and divided by the number of
-  windows covering each pixel.
+  window is padded up to it, again with zeros after normalization. The
+  windows run in fixed batches of `window_batch` (the last one padded), so
+  one compiled model serves every image; their logits are summed into a
+  canvas and divided by the number of windows covering each pixel.
 * test-time augmentation (mmseg `MultiScaleFlipAug` + `aug_test`): for each
   ratio r in `scales`, the image is resized keeping its ratio to
   (int(w * r), int(h * r)) of the target `scale` (w, h) (of the image itself

@@ -19,18 +19,17 @@ rewrites apply to NHWC/HWIO convolutions without input dilation, when
 `lowering(mode)` says so at trace time: "auto" (the default) on the CPU backend
 only, "patches" always, "xla" never.
 """
-import contextlib
-import contextvars
 import functools
-from typing import Iterator, Optional, Sequence
+from typing import ContextManager, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from segjax.layers.trace_settings import TraceSetting
+
 MODES = ("auto", "patches", "xla")
 _NHWC = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
-_MODE = contextvars.ContextVar("segjax_conv_lowering", default="auto")
 
 
 def check_mode(mode: str) -> None:
@@ -39,15 +38,12 @@ def check_mode(mode: str) -> None:
                      f"one of {MODES}.")
 
 
-@contextlib.contextmanager
-def lowering(mode: str) -> Iterator[None]:
+_MODE = TraceSetting("segjax_conv_lowering", "auto", check_mode)
+
+
+def lowering(mode: str) -> ContextManager[None]:
   """Convolutions traced inside are lowered as `mode` says."""
-  check_mode(mode)
-  token = _MODE.set(mode)
-  try:
-    yield
-  finally:
-    _MODE.reset(token)
+  return _MODE.scope(mode)
 
 
 def _rewrites_apply() -> bool:

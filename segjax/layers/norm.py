@@ -19,14 +19,14 @@ means and of the group (biased) variances: the global statistics when G = 1.
 Parameter and variable names are flax's `nn.BatchNorm`'s ("scale", "bias",
 batch_stats "mean", "var"), so checkpoints and converted weights are shared.
 """
-import contextlib
-import contextvars
 import dataclasses
-from typing import Any, Iterator, Optional
+from typing import Any, ContextManager, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from segjax.layers.trace_settings import TraceSetting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,21 +35,20 @@ class _Statistics:
   example_mask: Optional[jax.Array] = None
 
 
-_SETTINGS = contextvars.ContextVar("segjax_batch_statistics", default=_Statistics())
+def _check_statistics(settings: _Statistics) -> None:
+  if settings.groups < 1:
+    raise ValueError(f"BatchNorm statistics groups must be >= 1, got {settings.groups}.")
 
 
-@contextlib.contextmanager
-def batch_statistics(groups: int = 1, example_mask: Optional[jax.Array] = None) -> Iterator[None]:
+_SETTINGS = TraceSetting("segjax_batch_statistics", _Statistics(), _check_statistics)
+
+
+def batch_statistics(groups: int = 1,
+                     example_mask: Optional[jax.Array] = None) -> ContextManager[None]:
   """Within this context (while a model is traced), training-mode BatchNorm layers
   compute their statistics per `groups` contiguous slices of the batch, over the
   examples where `example_mask` is True."""
-  if groups < 1:
-    raise ValueError(f"BatchNorm statistics groups must be >= 1, got {groups}.")
-  token = _SETTINGS.set(_Statistics(groups, example_mask))
-  try:
-    yield
-  finally:
-    _SETTINGS.reset(token)
+  return _SETTINGS.scope(_Statistics(groups, example_mask))
 
 
 def grouped_moments(x: jax.Array, groups: int = 1, example_mask: Optional[jax.Array] = None):

@@ -7,12 +7,12 @@ memory. The policy says what may still be saved (e.g. "dots_saveable" keeps
 matmul/conv outputs). Parameter names do not change, so checkpoints are shared
 with and without remat.
 """
-import contextlib
-import contextvars
-from typing import Iterator, Type
+from typing import ContextManager, Type
 
 import flax.linen as nn
 import jax
+
+from segjax.layers.trace_settings import TraceSetting
 
 POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
@@ -22,7 +22,6 @@ POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-_POLICY = contextvars.ContextVar("segjax_remat_policy", default="")
 
 
 def check_policy(name: str) -> None:
@@ -31,15 +30,12 @@ def check_policy(name: str) -> None:
                      f"of {sorted(POLICIES)}.")
 
 
-@contextlib.contextmanager
-def rematerialization(policy: str) -> Iterator[None]:
+_POLICY = TraceSetting("segjax_remat_policy", "", check_policy)
+
+
+def rematerialization(policy: str) -> ContextManager[None]:
   """Backbone blocks traced inside are rematerialized with `policy` ('' = off)."""
-  check_policy(policy)
-  token = _POLICY.set(policy)
-  try:
-    yield
-  finally:
-    _POLICY.reset(token)
+  return _POLICY.scope(policy)
 
 
 def block(cls: Type[nn.Module]) -> Type[nn.Module]:

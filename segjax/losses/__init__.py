@@ -1,7 +1,8 @@
 """Segmentation losses: pure, jittable functions of (..., C) logits and (...)
 integer labels with an ignore index, and `build_loss` to combine them by name.
 
-`unet_weight_map` is the exception: a host-side (numpy) preprocessing step.
+U-Net's per-pixel weight map is a host-side preprocessing step: see
+`segjax.data.unet_weights` and the `unet_weights` data op.
 """
 from segjax.losses.binary_cross_entropy import binary_cross_entropy_with_logits
 from segjax.losses.cross_entropy import (cross_entropy, pixel_cross_entropy,
@@ -11,7 +12,6 @@ from segjax.losses.focal import sigmoid_focal_loss, softmax_focal_loss
 from segjax.losses.lovasz import lovasz_softmax
 from segjax.losses.ohem import ohem_cross_entropy, ohem_keep_mask
 from segjax.losses.registry import LOSSES, build_loss
-from segjax.losses.unet_weights import unet_weight_map
 
 __all__ = [
     "LOSSES",
@@ -25,6 +25,5 @@ __all__ = [
     "pixel_cross_entropy",
     "sigmoid_focal_loss",
     "softmax_focal_loss",
-    "unet_weight_map",
     "weighted_pixel_cross_entropy",
 ]

@@ -76,7 +76,7 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int 
 def weighted_pixel_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array,
                                  ignore_index: int = 255,
                                  class_weights: Optional[jax.Array] = None) -> jax.Array:
-  """Cross-entropy with a per-pixel weight map (U-Net, see `unet_weight_map`).
+  """Cross-entropy with a per-pixel weight map (U-Net, see `segjax.data.unet_weights`).
 
   The weighted mean sum_i v_i w_{y_i} (-log p_{i,y_i}) / sum_i v_i w_{y_i} over
   the non-ignored pixels, v = `weights` (shaped like `labels`), w =

@@ -19,7 +19,6 @@ import ml_collections
 import numpy as np
 
 from segjax.data import transforms
-from segjax.data.compose import compose, op
 from segjax.data.sources import DatasetSpec
 from segjax.layers import conv_lowering
 from segjax.models import MODELS, build_model
@@ -141,7 +140,7 @@ class Task(abc.ABC):
   def extra_ops(self, config: ml_collections.ConfigDict, dataset: DatasetSpec) -> Tuple[
       List[Any], List[Any]]:
     """(ops before the configured ones, ops after them) that this task adds, as
-    `segjax.data.compose.Op`s; normalization comes last."""
+    op objects (`transforms.resize(...)`); normalization comes last."""
     del config, dataset
     return [], []
 
@@ -150,8 +149,9 @@ class Task(abc.ABC):
     """The pipeline of a split: input checks, the task's own ops, the configured `ops`,
     normalization."""
     before, after = self.extra_ops(config, dataset)
-    return compose(op("squeeze_labels"), op("check_image"), *before, ops, *after,
-                   op("normalize", mean=tuple(config.data.mean), std=tuple(config.data.std)))
+    return transforms.compose(
+        transforms.squeeze_labels(), transforms.check_image(), *before, ops, *after,
+        transforms.normalize(mean=tuple(config.data.mean), std=tuple(config.data.std)))
 
   def validate(self, config: ml_collections.ConfigDict) -> None:
     """Raises ValueError (one sentence) for settings this task cannot honour."""

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from segjax.data import pipeline
-from segjax.data.compose import op
+from segjax.data import transforms
 from segjax.data.sources import DatasetSpec
 from segjax.inference import instances
 from segjax.metrics.coco import (GroundTruthBuilder, IOU_TYPES, coco_evaluate, format_coco_table,
@@ -51,7 +51,7 @@ def objective(*, model, loss_weights: Dict[str, float]) -> Objective:
 def thing_ops(dataset: DatasetSpec) -> List[Any]:
   """Class ids -> thing indices, unless they are the same already."""
   things = tuple(dataset.thing_classes)
-  return [op("thing_classes", ids=things)] if things != tuple(range(len(things))) else []
+  return [transforms.thing_classes(ids=things)] if things != tuple(range(len(things))) else []
 
 
 class CocoInstanceEvaluator(Evaluator):

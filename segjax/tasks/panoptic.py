@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from segjax.data import pipeline
-from segjax.data.compose import op
+from segjax.data import transforms
 from segjax.inference import panoptic_eval
 from segjax.inference.instances import padded_input
 from segjax.inference.panoptic import write_coco_panoptic
@@ -144,8 +144,8 @@ class PanopticTask(DetectionTask):
   def extra_ops(self, config, dataset):
     before, after = super().extra_ops(config, dataset)
     if config.model.options.get("fusion", "heuristic") == "heuristic":
-      after = after + [op("panoptic_semantic", stuff_classes=panoptic_eval.stuff_classes(dataset),
-                          ignore_index=dataset.ignore_index)]
+      after = after + [transforms.panoptic_semantic(
+          stuff_classes=panoptic_eval.stuff_classes(dataset), ignore_index=dataset.ignore_index)]
     return before, after
 
   def evaluator(self, config, dataset, model, *, variable_shardings=None,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from segjax import visualization
 from segjax.data import pipeline
-from segjax.data.compose import op
+from segjax.data import transforms
 from segjax.data.sources import DatasetSpec
 from segjax.inference import per_image, predict_at_original_size
 from segjax.layers import resize_bilinear
@@ -233,8 +233,8 @@ class SemanticTask(Task):
   optional_train_keys = pipeline.OPTIONAL_TRAIN_KEYS
 
   def extra_ops(self, config, dataset):
-    return [], [op("check_labels", num_classes=dataset.num_classes,
-                   ignore_index=dataset.ignore_index)]
+    return [], [transforms.check_labels(num_classes=dataset.num_classes,
+                                        ignore_index=dataset.ignore_index)]
 
   def validate(self, config) -> None:
     super().validate(config)

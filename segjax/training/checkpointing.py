@@ -4,16 +4,16 @@ A checkpoint holds two items: `state` (the sharded TrainState) and `meta`, the
 model record: model name, number of classes and parameter shapes, and what
 inference needs to rebuild the model from the checkpoint alone (task, the run's
 config with its model options, test-time ops and input normalization, the
-dataset's class names, palette, ignore index and thing classes, the input shape). Every process takes part
-in saving and restoring (each writes and reads the shards it holds, process 0
-the metadata), so the workdir must be one filesystem all processes see (a
-shared disk or a bucket). A checkpoint restores into any number of processes
-and devices and any sharding strategy: the restore reshards to the shardings
-asked for. The data position needs no item of its own: the input pipeline
-resumes from the restored step. On restart the latest checkpoint in the workdir
-is restored; one written by a different model is refused with a sentence saying
-so instead of failing deep inside the restore. Evaluation and prediction restore
-only the parameters and BatchNorm statistics (`restore_variables`).
+dataset's class names, palette, ignore index and thing classes, the input shape).
+Every process takes part in saving and restoring (each writes and reads the shards
+it holds, process 0 the metadata), so the workdir must be one filesystem all
+processes see (a shared disk or a bucket). A checkpoint restores into any number
+of processes and devices and any sharding strategy: the restore reshards to the
+shardings asked for. The data position needs no item of its own: the input
+pipeline resumes from the restored step. On restart the latest checkpoint in the
+workdir is restored; one written by a different model is refused with a sentence
+saying so instead of failing deep inside the restore. Evaluation and prediction
+restore only the parameters and BatchNorm statistics (`restore_variables`).
 """
 import logging
 import os

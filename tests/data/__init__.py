@@ -1,0 +1,1 @@
+"""Tests of segjax.data: datasets, preprocessing ops, the input pipeline."""

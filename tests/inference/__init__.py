@@ -1,0 +1,1 @@
+"""Tests of segjax.inference and the eval.py / predict.py commands."""

@@ -1,0 +1,1 @@
+"""Tests of segjax.ops (and the RoIAlign test reference)."""

@@ -1,0 +1,1 @@
+"""Tests of segjax.tasks and the package shape they give."""

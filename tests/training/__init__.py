@@ -1,0 +1,1 @@
+"""Tests of segjax.training and train.py."""
