@@ -20,7 +20,7 @@ PSPNet scaled down (ResNet-18 layout at width 8, 16-channel PPM branches) on the
 embedded segjax_shapes data with the same optimizer recipe, so CI exercises this
 file without ADE20K.
 """
-from configs import default
+from configs import common, default
 
 
 def get_config(variant: str = ""):
@@ -54,13 +54,7 @@ def get_config(variant: str = ""):
   config.inference.scale = (2048, 512)  # the recipe's test resize (w, h)
   config.inference.label_ops = "reduce_zero_label"
 
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.01
-  config.optimizer.min_learning_rate = 1e-4
-  config.optimizer.schedule = "poly"
-  config.optimizer.poly_power = 0.9
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
+  common.mmseg_sgd_poly(config)
   config.total_steps = 80_000
   config.eval_every = 8_000
   config.checkpoint_every = 8_000
@@ -87,16 +81,10 @@ def shapes_smoke(config) -> None:
   """The smoke variant's data and schedule: 40 steps from scratch on the embedded
   segjax_shapes data, evaluated image by image (whole, exact shapes) at the original size."""
   config.model.init_from = ""
-  config.data.name = "segjax_shapes"
-  config.inference.scale = (0, 0)
   config.inference.label_ops = ""
-  config.data.train_ops = ("random_resize(scale=(128, 128), ratio_range=(0.5, 2.0))|"
-                           "random_crop(size=(128, 128), cat_max_ratio=0.75)|"
-                           "random_flip(prob=0.5)|photometric_distortion")
-  config.data.eval_ops = ""
-  config.data.batch_size = 8
-  config.data.eval_batch_size = 32
-  config.optimizer.learning_rate = 0.05  # from scratch, 40 steps: larger than the recipe's
-  config.total_steps = 40
-  config.log_every = 5
-  config.eval_every = config.checkpoint_every = 40
+  # From scratch, 40 steps: a larger learning rate than the recipe's.
+  common.shapes_smoke(
+      config, learning_rate=0.05, eval_ops="",
+      train_ops=("random_resize(scale=(128, 128), ratio_range=(0.5, 2.0))|"
+                 "random_crop(size=(128, 128), cat_max_ratio=0.75)|"
+                 "random_flip(prob=0.5)|photometric_distortion"))

@@ -69,6 +69,16 @@ def _abstract_variables(model, input_shape, mesh, config):
                       abstract, shardings), shardings
 
 
+def _model(config, dataset, for_prediction: bool):
+  """(config, task, mesh, model): the config checked by its task (with the task's
+  single-image settings `for_prediction`) and its model for the dataset's classes."""
+  task = get_task(config)
+  if for_prediction:
+    config = task.prediction_config(config)
+  task.validate(config)
+  return config, task, sharding.create_mesh(config.mesh.axes), task.build_model(config, dataset)
+
+
 def restore(checkpoint: str, config: Optional[ml_collections.ConfigDict] = None, *,
             open_dataset: bool = False,
             edit: Optional[Callable[[ml_collections.ConfigDict], None]] = None,
@@ -103,12 +113,7 @@ def restore(checkpoint: str, config: Optional[ml_collections.ConfigDict] = None,
         dataset.source(config.data.train_split),
         task.data_ops(config, config.data.train_ops, dataset), ("image",))
     input_shape = (1,) + example["image"]
-  task = get_task(config)
-  if for_prediction:
-    config = task.prediction_config(config)
-  task.validate(config)
-  mesh = sharding.create_mesh(config.mesh.axes)
-  model = task.build_model(config, dataset)
+  config, task, mesh, model = _model(config, dataset, for_prediction)
   abstract, shardings = _abstract_variables(model, input_shape, mesh, config)
   expected = checkpointing.model_record(config.model.name, model.num_classes,
                                         abstract["params"])
@@ -126,12 +131,7 @@ def _restore_weights_file(path: str, config, open_dataset: bool,
                      "of its architecture (e.g. configs/pspnet_ade20k.py).")
   dataset = (get_dataset(config.data.name, config.data.data_dir, config.data.manual_dir)
              if open_dataset else dataset_classes(config.data.name))
-  task = get_task(config)
-  if for_prediction:
-    config = task.prediction_config(config)
-  task.validate(config)
-  mesh = sharding.create_mesh(config.mesh.axes)
-  model = task.build_model(config, dataset)
+  config, task, mesh, model = _model(config, dataset, for_prediction)
   _, shardings = _abstract_variables(model, _PEER_INPUT_SHAPE, mesh, config)
   variables = jax.device_put(load_peer_checkpoint(path, model), shardings)
   return Restored(config, task, dataset, model, variables, 0, mesh, shardings)
