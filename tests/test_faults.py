@@ -1,0 +1,305 @@
+"""Fault injection: nothing lost, nothing silently wrong.
+
+Pre-emption (SIGTERM) and Ctrl-C save and resume exactly, damaged checkpoints fall back
+to the previous one, a non-finite loss stops the run without saving, and the bad inputs
+a user brings to predict.py, eval.py, train.py, the converters, the box ops and PQ are
+refused or handled with one sentence.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import unet_shapes
+from segjax.training import checkpointing, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for this module's runs, in process and in train.py
+  subprocesses: each compiles the same steps."""
+  directory = str(tmp_path_factory.mktemp("jax_cache"))
+  saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                               "jax_persistent_cache_min_compile_time_secs")}
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+  yield directory
+  del os.environ["JAX_COMPILATION_CACHE_DIR"]
+  for key, value in saved.items():
+    jax.config.update(key, value)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _config(data_dir, **overrides):
+  config = unet_shapes.get_config("smoke")
+  config.unlock()
+  config.data.data_dir = data_dir
+  config.data.eval_split = "validation[:16]"
+  config.total_steps, config.checkpoint_every, config.eval_every, config.log_every = 8, 4, 8, 1
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  config.lock()
+  return config
+
+
+def _leaves(state):
+  return jax.tree.leaves(jax.device_get(state))
+
+
+def _assert_same_state(a, b):
+  for x, y in zip(_leaves(a), _leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+  """An uninterrupted 8-step run with checkpoints at steps 4 and 8 (its workdir kept)."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  return workdir, trainer.train_and_evaluate(_config(data_dir), workdir)
+
+
+# --- 1. SIGTERM and Ctrl-C: finish the step, save, say where, exit 0 ----------------------
+
+def _signal_at_step(monkeypatch, signum, at):
+  """Makes the train loop's batch `at` send `signum` to this process (as a scheduler or
+  the user would), i.e. during step `at`."""
+  real, calls = trainer.pipeline.to_global, []
+  def to_global(batch, sharding):
+    calls.append(1)
+    if len(calls) == at:
+      os.kill(os.getpid(), signum)
+    return real(batch, sharding)
+  monkeypatch.setattr(trainer.pipeline, "to_global", to_global)
+  return real
+
+
+def test_sigterm_saves_and_resumes_exactly(data_dir, straight, tmp_path, monkeypatch, capsys):
+  signum = signal.SIGTERM
+  workdir = str(tmp_path / "w")
+  real = _signal_at_step(monkeypatch, signum, 6)
+  stopped = trainer.train_and_evaluate(_config(data_dir), workdir)
+  assert int(stopped["state"].step) == 6
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+  out = capsys.readouterr()
+  assert f"Stopped by {signal.Signals(signum).name} after step 6" in out.out + out.err
+  assert os.path.join(workdir, "checkpoints", "6") in out.out + out.err
+  # The handlers are those of before the run again.
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  monkeypatch.setattr(trainer.pipeline, "to_global", real)
+  resumed = trainer.train_and_evaluate(_config(data_dir), workdir)
+  _assert_same_state(resumed["state"], straight[1]["state"])
+
+
+def test_second_ctrl_c_aborts_at_once(data_dir, tmp_path, monkeypatch):
+  real, calls = trainer.pipeline.to_global, []
+  def to_global(batch, sharding):
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+    return real(batch, sharding)
+  monkeypatch.setattr(trainer.pipeline, "to_global", to_global)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(_config(data_dir), str(tmp_path / "w"))
+  assert len(calls) == 3
+
+
+def _train_cli(*args):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_train_py_stops_cleanly_on_signal(data_dir, straight, tmp_path, signum):
+  """The real thing: train.py signalled while training exits 0 with one line naming the
+  checkpoint it saved, and the same command then finishes the run as if uninterrupted."""
+  workdir = tmp_path / "w"
+  args = ["--config", "configs/unet_shapes.py:smoke", "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}", "--config.data.eval_split=validation[:16]",
+          "--config.total_steps=8", "--config.checkpoint_every=4", "--config.eval_every=8",
+          "--config.log_every=1"]
+  process = _train_cli(*args)
+  deadline = time.time() + 300
+  while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").stat().st_size:
+    assert process.poll() is None and time.time() < deadline, process.communicate()
+    time.sleep(0.05)
+  process.send_signal(signum)
+  out, err = process.communicate(timeout=300)
+  assert process.returncode == 0, err[-3000:]
+  assert "Traceback" not in err
+  lines = [line for line in (out + err).splitlines() if "Stopped by" in line]
+  assert len(lines) == 1 and signal.Signals(signum).name in lines[0], out + err
+  step = int(lines[0].split("after step ")[1].split(":")[0])
+  assert 1 <= step <= 8
+  assert str(step) in os.listdir(workdir / "checkpoints")
+  assert os.path.join(str(workdir), "checkpoints", str(step)) in lines[0]
+  again = _train_cli(*args)
+  out, err = again.communicate(timeout=300)
+  assert again.returncode == 0, err[-3000:]
+  final = checkpointing.restore_variables(str(workdir), 8, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _variables(straight[1]["state"])))
+  _assert_same_state(final, _variables(straight[1]["state"]))
+
+
+def _variables(state):
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+# --- 2. Damaged checkpoints: fall back to the previous one --------------------------------
+
+def _data_file(step_dir):
+  """The state's array data file (after orbax merges the processes' OCDBT files into
+  state/d; the per-process copies are no longer read)."""
+  folder = os.path.join(step_dir, "state", "d")
+  return max((os.path.join(folder, f) for f in os.listdir(folder)), key=os.path.getsize)
+
+
+def _truncate_state_file(step_dir):
+  path = _data_file(step_dir)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _delete_state_file(step_dir):
+  os.remove(_data_file(step_dir))
+
+
+def _delete_named(name):
+  def damage(step_dir):
+    os.remove(os.path.join(step_dir, *name.split("/")))
+  return damage
+
+
+def _empty(step_dir):
+  shutil.rmtree(step_dir)
+  os.mkdir(step_dir)
+
+
+DAMAGES = {"truncated state file": _truncate_state_file,
+           "deleted state file": _delete_state_file,
+           "deleted _METADATA": _delete_named("state/_METADATA"),
+           "deleted meta/metadata": _delete_named("meta/metadata"),
+           "emptied folder": _empty}
+
+
+@pytest.fixture(scope="module")
+def state_of_step_4(data_dir, straight, tmp_path_factory):
+  """What a restart restores when the step-8 folder is removed by hand."""
+  workdir = str(tmp_path_factory.mktemp("by_hand"))
+  shutil.copytree(straight[0], workdir, dirs_exist_ok=True)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
+  return trainer.train_and_evaluate(_config(data_dir, total_steps=4), workdir)["state"]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_latest_checkpoint_falls_back(data_dir, straight, state_of_step_4, tmp_path,
+                                              caplog, damage):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(straight[0], workdir)
+  DAMAGES[damage](os.path.join(workdir, "checkpoints", "8"))
+  restored = trainer.train_and_evaluate(_config(data_dir, total_steps=4), workdir)["state"]
+  assert int(restored.step) == 4
+  _assert_same_state(restored, state_of_step_4)
+  warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert len(warnings) == 1 and "step 8" in warnings[0], warnings
+  # Set aside, never deleted.
+  assert os.path.isdir(os.path.join(workdir, "damaged_checkpoints", "8"))
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
+
+
+def test_damaged_checkpoint_is_out_of_the_way_of_later_saves(data_dir, straight, tmp_path):
+  """Resuming past a damaged step saves that step anew and rotates only good checkpoints."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(straight[0], workdir)
+  _truncate_state_file(os.path.join(workdir, "checkpoints", "8"))
+  resumed = trainer.train_and_evaluate(_config(data_dir), workdir)
+  _assert_same_state(resumed["state"], straight[1]["state"])
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+
+
+def test_no_restorable_checkpoint_is_one_sentence(data_dir, straight, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(straight[0], workdir)
+  _delete_named("state/_METADATA")(os.path.join(workdir, "checkpoints", "8"))
+  _empty(os.path.join(workdir, "checkpoints", "4"))
+  with pytest.raises(checkpointing.DamagedCheckpointError,
+                     match=r"None of the checkpoints in \S+ can be restored: step 8 .*step 4"):
+    trainer.train_and_evaluate(_config(data_dir), workdir)
+  # Nothing was moved or deleted.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+
+
+def test_half_written_step_is_never_the_latest(data_dir, straight, tmp_path):
+  """A save cut off mid-write leaves only orbax's temporary folder: it is not a step, and
+  the next run removes it."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(straight[0], workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  partial = os.path.join(checkpoints, "12.orbax-checkpoint-tmp-1765000000000000")
+  shutil.copytree(os.path.join(checkpoints, "8"), partial)
+  _truncate_state_file(partial)
+  restored = trainer.train_and_evaluate(_config(data_dir), workdir)["state"]
+  assert int(restored.step) == 8
+  assert sorted(os.listdir(checkpoints)) == ["4", "8"]
+
+
+# --- 3. Non-finite loss: stop, save nothing of it ------------------------------------------
+
+def test_nonfinite_loss_stops_and_keeps_good_checkpoints(data_dir, straight, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(straight[0], workdir)
+  config = _config(data_dir, total_steps=16, **{"optimizer.learning_rate": 1e6})
+  with pytest.raises(trainer.NonFiniteError,
+                     match=r"^Step (\d+) has a non-finite loss .* The last good checkpoint is "
+                           r"step 8 in \S+checkpoints\. Lower optimizer.learning_rate"):
+    trainer.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+  healthy = trainer.train_and_evaluate(_config(data_dir), workdir)["state"]  # restores 8
+  _assert_same_state(healthy, straight[1]["state"])
+
+
+def test_nonfinite_loss_from_scratch_names_the_step(data_dir, straight, tmp_path):
+  workdir = str(tmp_path / "w")
+  config = _config(data_dir, **{"optimizer.learning_rate": 1e6})
+  with pytest.raises(trainer.NonFiniteError) as error:
+    trainer.train_and_evaluate(config, workdir)
+  step = int(str(error.value).split()[1])
+  saved = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert all(int(s) < step for s in saved), (step, saved)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          _variables(straight[1]["state"]))
+  for s in saved:  # whatever was saved is finite
+    variables = checkpointing.restore_variables(workdir, int(s), abstract)
+    assert all(np.isfinite(x).all() for x in _leaves(variables))
+
+
+def test_nonfinite_skip_option_keeps_the_last_finite_state(data_dir, straight, tmp_path,
+                                                           caplog):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(straight[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
+  config = _config(data_dir, total_steps=8,
+                   **{"optimizer.learning_rate": 1e6, "optimizer.nonfinite": "skip"})
+  result = trainer.train_and_evaluate(config, workdir)
+  assert int(result["state"].step) == 8
+  assert any("update was skipped" in r.getMessage() for r in caplog.records)
+  assert all(np.isfinite(x).all() for x in _leaves(result["state"]))
+
