@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import unet_shapes
 from segjax.training import checkpointing, trainer
@@ -302,4 +303,117 @@ def test_nonfinite_skip_option_keeps_the_last_finite_state(data_dir, straight, t
   assert int(result["state"].step) == 8
   assert any("update was skipped" in r.getMessage() for r in caplog.records)
   assert all(np.isfinite(x).all() for x in _leaves(result["state"]))
+
+
+# --- 4, 5, 6. predict.py: no collisions, no overwritten inputs, bad files skipped, 16 bits -
+
+def _photo(seed, size=(40, 56)):
+  return np.random.default_rng(seed).integers(0, 256, size + (3,), dtype=np.uint8)
+
+
+def test_predict_outputs_never_collide(straight, tmp_path):
+  from segjax.commands.predict import predict_files
+  inputs, out = tmp_path / "in", tmp_path / "out"
+  inputs.mkdir()
+  Image.fromarray(_photo(0)).save(inputs / "photo.jpg")
+  Image.fromarray(_photo(1)).save(inputs / "photo.png")
+  Image.fromarray(_photo(2)).save(inputs / "other.png")
+  written = predict_files(straight[0], str(inputs), str(out))
+  names = sorted(os.listdir(out))
+  assert names == ["other.png", "other_overlay.jpg", "photo.jpg.png", "photo.jpg_overlay.jpg",
+                   "photo.png.png", "photo.png_overlay.jpg"]
+  assert sorted(os.path.basename(p) for p in written) == names  # a true count
+
+
+def test_predict_refuses_to_write_into_the_input_folder(straight, tmp_path):
+  from segjax.commands.predict import predict_files
+  Image.fromarray(_photo(0)).save(tmp_path / "photo.png")
+  before = (tmp_path / "photo.png").read_bytes()
+  with pytest.raises(ValueError, match=r"--output \S+ holds input images \(photo.png\), which "
+                                       r"predictions could overwrite; choose another"):
+    predict_files(straight[0], str(tmp_path), str(tmp_path))
+  assert (tmp_path / "photo.png").read_bytes() == before
+  assert os.listdir(tmp_path) == ["photo.png"]
+
+
+def test_predict_skips_an_unreadable_image_and_labels_the_rest(straight, tmp_path, capsys):
+  from segjax.commands.predict import SkippedImagesError, predict_files
+  inputs, out = tmp_path / "in", tmp_path / "out"
+  inputs.mkdir()
+  (inputs / "a.png").write_bytes(b"")
+  for i in range(6):
+    Image.fromarray(_photo(i)).save(inputs / f"good{i}.png")
+  with pytest.raises(SkippedImagesError,
+                     match=r"wrote 12 files to \S+ but skipped 1 of 7 images that could not be "
+                           r"read: \S+a\.png\.$"):
+    predict_files(straight[0], str(inputs), str(out))
+  assert sorted(os.listdir(out)) == sorted(f"good{i}{s}" for i in range(6)
+                                           for s in (".png", "_overlay.jpg"))
+  err = capsys.readouterr().err
+  assert "warning: skipping" in err and "a.png" in err
+
+
+def test_predict_exits_non_zero_listing_skipped_images(straight, tmp_path):
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  (inputs / "a.png").write_bytes(b"")
+  Image.fromarray(_photo(0)).save(inputs / "b.png")
+  run = subprocess.run([sys.executable, os.path.join(REPO, "predict.py"), "--checkpoint",
+                        straight[0], f"--input={inputs}", f"--output={tmp_path / 'out'}"],
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 1 and "Traceback" not in run.stderr
+  assert "skipped 1 of 2 images" in run.stderr and "a.png" in run.stderr
+  assert sorted(os.listdir(tmp_path / "out")) == ["b.png", "b_overlay.jpg"]
+
+
+def _ramp16():
+  return (np.arange(120 * 100, dtype=np.float64).reshape(120, 100) * 65535 / 11999).round(
+      ).astype(np.uint16)
+
+
+@pytest.mark.parametrize("kind", ["16-bit PNG", "16-bit TIFF", "float TIFF"])
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, kind):
+  from segjax.commands.predict import read_image
+  ramp = _ramp16()
+  if kind == "float TIFF":
+    values, path = (ramp / 65535).astype(np.float32), tmp_path / "x.tif"
+  else:
+    values, path = ramp, tmp_path / ("x.png" if "PNG" in kind else "x.tif")
+  Image.fromarray(values).save(path)
+  expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+  image = read_image(str(path))
+  assert image.dtype == np.uint8 and image.shape == ramp.shape + (3,)
+  np.testing.assert_array_equal(image, np.repeat(expected[..., None], 3, axis=-1))
+
+
+def test_unscalable_images_are_refused(tmp_path):
+  from segjax.commands.predict import read_image
+  Image.fromarray(np.full((4, 4), 3.5, np.float32)).save(tmp_path / "f.tif")
+  with pytest.raises(ValueError, match=r"f\.tif has floating-point pixels in \[3\.5, 3\.5\]"):
+    read_image(str(tmp_path / "f.tif"))
+  Image.fromarray(np.full((4, 4), 1 << 20, np.int32)).save(tmp_path / "i.tif")
+  with pytest.raises(ValueError, match=r"i\.tif has 32-bit integer pixels"):
+    read_image(str(tmp_path / "i.tif"))
+
+
+def test_predict_on_16_bit_image_equals_8_bit(straight, tmp_path):
+  from segjax.commands.predict import predict_files
+  ramp = _ramp16()
+  Image.fromarray(ramp).save(tmp_path / "deep.png")
+  eight = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+  Image.fromarray(np.repeat(eight[..., None], 3, axis=-1)).save(tmp_path / "flat.png")
+  predict_files(straight[0], str(tmp_path / "deep.png"), str(tmp_path / "a"))
+  predict_files(straight[0], str(tmp_path / "flat.png"), str(tmp_path / "b"))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a" / "deep.png")),
+                                np.asarray(Image.open(tmp_path / "b" / "flat.png")))
+
+
+def test_classical_otsu_splits_a_16_bit_ramp_in_half(tmp_path, capsys):
+  from segjax.classical import __main__ as classical
+  Image.fromarray(_ramp16()).save(tmp_path / "ramp.png")
+  classical.main(["otsu", "--input", str(tmp_path / "ramp.png"), "--output", str(tmp_path)])
+  labels = np.asarray(Image.open(tmp_path / "ramp_otsu_labels.png"))
+  counts = np.bincount(labels.ravel())
+  assert len(counts) == 2 and abs(int(counts[0]) - int(counts[1])) <= 2 * 100, counts
 
