@@ -15,6 +15,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from configs import unet_shapes
@@ -416,4 +419,81 @@ def test_classical_otsu_splits_a_16_bit_ramp_in_half(tmp_path, capsys):
   labels = np.asarray(Image.open(tmp_path / "ramp_otsu_labels.png"))
   counts = np.bincount(labels.ravel())
   assert len(counts) == 2 and abs(int(counts[0]) - int(counts[1])) <= 2 * 100, counts
+
+
+# --- 11. Box ops on edge inputs: zero boxes, small dtypes ----------------------------------
+
+def _reference_iou(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+  lt = np.maximum(a[:, None, :2], b[None, :, :2])
+  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+  wh = np.clip(rb - lt, 0, None)
+  inter = wh[..., 0] * wh[..., 1]
+  union = area(a)[:, None] + area(b)[None, :] - inter
+  return np.where(union > 0, inter / np.where(union > 0, union, 1), 0)
+
+
+def _reference_nms(boxes, scores, classes, threshold, max_out):
+  """Plain greedy NMS: visit boxes by descending score (ties: lower index first), keep a
+  box unless a kept box of its class overlaps it by IoU > threshold."""
+  iou = _reference_iou(boxes, boxes)
+  kept = []
+  for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
+    if all(not (classes[j] == classes[i] and iou[i, j] > threshold) for j in kept):
+      kept.append(i)
+  kept = kept[:max_out]
+  return np.array(kept + [-1] * (max_out - len(kept))), len(kept)
+
+
+def test_nms_of_zero_boxes_keeps_nothing():
+  from segjax.ops.nms import batched_nms, nms
+  empty = np.zeros((0, 4), np.float32)
+  for indices, count in (nms(empty, np.zeros(0), 0.5, 5),
+                         batched_nms(empty, np.zeros(0), np.zeros(0, np.int32), 0.5, 5)):
+    assert int(count) == 0 and np.asarray(indices).tolist() == [-1] * 5
+
+
+def test_small_dtypes_are_upcast_like_torchvision():
+  from segjax.ops.boxes import box_area, pairwise_iou
+  assert int(box_area(np.array([[0, 0, 100, 100]], np.int8))[0]) == 10000
+  assert box_area(np.array([[0, 0, 100, 100]], np.int8)).dtype == np.int32
+  a = np.array([[0, 0, 10, 10]], np.float16)
+  b = np.array([[5, 0, 15, 10]], np.float16)
+  iou = pairwise_iou(a, b)
+  assert iou.dtype == np.float32 and float(iou[0, 0]) == pytest.approx(1 / 3)
+
+
+_BOX_DTYPES = [np.int8, np.uint8, np.int16, np.int32, np.float16, np.float32]
+
+
+@st.composite
+def _box_sets(draw):
+  n = draw(st.integers(0, 12))
+  dtype = draw(st.sampled_from(_BOX_DTYPES))
+  xy = draw(hnp.arrays(np.int64, (n, 2), elements=st.integers(0, 100)))
+  wh = draw(hnp.arrays(np.int64, (n, 2), elements=st.integers(0, 27)))
+  boxes = np.concatenate([xy, xy + wh], axis=1).astype(dtype)
+  scores = draw(hnp.arrays(np.float32, (n,), elements=st.floats(0, 1, width=32)))
+  classes = draw(hnp.arrays(np.int32, (n,), elements=st.integers(0, 2)))
+  return boxes, scores, classes
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(sets=_box_sets(), threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7]),
+       max_out=st.integers(1, 8))
+def test_box_ops_and_nms_match_plain_reference(sets, threshold, max_out):
+  from segjax.ops.boxes import box_area, pairwise_iou
+  from segjax.ops.nms import batched_nms, nms
+  boxes, scores, classes = sets
+  exact = boxes.astype(np.float64)
+  np.testing.assert_array_equal(np.asarray(box_area(boxes), np.float64),
+                                (exact[:, 2] - exact[:, 0]) * (exact[:, 3] - exact[:, 1]))
+  np.testing.assert_allclose(pairwise_iou(boxes, boxes[::-1]),
+                             _reference_iou(exact, exact[::-1]), rtol=1e-6, atol=1e-7)
+  for got, want in ((nms(boxes, scores, threshold, max_out),
+                     _reference_nms(exact, scores, np.zeros_like(classes), threshold, max_out)),
+                    (batched_nms(boxes, scores, classes, threshold, max_out),
+                     _reference_nms(exact, scores, classes, threshold, max_out))):
+    assert np.asarray(got[0]).tolist() == want[0].tolist() and int(got[1]) == want[1]
 
