@@ -497,3 +497,37 @@ def test_box_ops_and_nms_match_plain_reference(sets, threshold, max_out):
                      _reference_nms(exact, scores, classes, threshold, max_out))):
     assert np.asarray(got[0]).tolist() == want[0].tolist() and int(got[1]) == want[1]
 
+
+# --- 12. PQ: a class's crowd region is its last crowd segment, as in panopticapi ----------
+
+@pytest.mark.parametrize("order", [(21, 22), (22, 21)])
+def test_pq_crowd_region_follows_panopticapi(order):
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import pq_reference
+  from segjax.metrics import panoptic
+  thing, other = 1, 2
+  gt = np.zeros((2, 10), np.int64)
+  gt[0, 0:4], gt[0, 4:8], gt[1, 0:6] = 21, 22, 11  # two crowd segments of `thing`, one thing
+  gt_segments = [{"id": i, "category_id": thing, "iscrowd": 1} for i in order]
+  gt_segments.append({"id": 11, "category_id": thing, "iscrowd": 0})
+  pred = np.zeros((2, 10), np.int64)
+  pred[0, 0:3] = 103  # all on crowd segment 21
+  pred[1, 0:6] = 102  # matches 11
+  pred[0, 8:10] = 104  # on VOID, of another class: ignored
+  pred_segments = [{"id": 102, "category_id": thing}, {"id": 103, "category_id": thing},
+                   {"id": 104, "category_id": other}]
+  for rule in ("last", "union"):
+    stats = panoptic.image_pq_stats(gt, gt_segments, pred, pred_segments, [thing, other],
+                                    crowd_region=rule)
+    reference = pq_reference.reference_image_counts(gt, gt_segments, pred, pred_segments,
+                                                    crowd_region=rule)
+    assert [int(stats.tp[0]), int(stats.fp[0]), int(stats.fn[0])] == reference[thing][:3]
+    # 103 lies on 21 only: ignored when 21 is the region, a false positive when 22 is.
+    expected_fp = 1 if rule == "last" and order[-1] == 22 else 0
+    assert int(stats.fp[0]) == expected_fp and int(stats.tp[0]) == 1
+  default = panoptic.image_pq_stats(gt, gt_segments, pred, pred_segments, [thing, other])
+  assert int(default.fp[0]) == (1 if order[-1] == 22 else 0)
+  with pytest.raises(ValueError, match="crowd_region must be one of"):
+    panoptic.image_pq_stats(gt, gt_segments, pred, pred_segments, [thing, other],
+                            crowd_region="all")
+
