@@ -531,3 +531,39 @@ def test_pq_crowd_region_follows_panopticapi(order):
     panoptic.image_pq_stats(gt, gt_segments, pred, pred_segments, [thing, other],
                             crowd_region="all")
 
+
+# --- 7. Unwritable workdir / output --------------------------------------------------------
+
+def test_unwritable_workdir_stops_at_start_up(data_dir, tmp_path):
+  (tmp_path / "file").write_text("in the way")
+  started = time.time()
+  with pytest.raises(ValueError, match=r"^The workdir \S+ is not writable \(.+\); give a "
+                                       r"--workdir you can write to\.$"):
+    trainer.train_and_evaluate(_config(data_dir), str(tmp_path / "file" / "run"))
+  assert time.time() - started < 5  # before any set-up
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_workdir_stops_at_start_up(data_dir, tmp_path):
+  workdir = tmp_path / "ro"
+  workdir.mkdir()
+  workdir.chmod(0o555)
+  try:
+    with pytest.raises(ValueError, match=r"is not writable \(Permission denied\)"):
+      trainer.train_and_evaluate(_config(data_dir), str(workdir))
+  finally:
+    workdir.chmod(0o755)
+
+
+def test_eval_reports_metrics_before_failing_to_write(data_dir, straight, tmp_path):
+  from segjax.commands.evaluate import evaluate_checkpoint
+  (tmp_path / "file").write_text("in the way")
+  reported = []
+  with pytest.raises(ValueError, match=r"^Could not write the results to \S+file\b.*; give "
+                                       r"--output a path in a folder you can write to\.$"):
+    evaluate_checkpoint(_config(data_dir), straight[0], str(tmp_path / "file" / "m.json"),
+                        report=lambda metrics, table: reported.append((metrics, table)))
+  (metrics, table), = reported
+  assert metrics["step"] == 8 and "mIoU" in table
+  assert metrics["mIoU"] == pytest.approx(straight[1]["mIoU"], abs=1e-6)
+

@@ -42,6 +42,20 @@ class NonFiniteError(ValueError):
   """A train step gave a non-finite loss or gradient norm (optimizer.nonfinite=stop)."""
 
 
+def check_writable(workdir: str) -> None:
+  """Stops at start-up, with one sentence, when `workdir` cannot be created or written
+  (rather than after the set-up, at the first checkpoint or log)."""
+  probe = os.path.join(workdir, f".segjax_write_test_{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"The workdir {workdir} is not writable ({e.strerror or e}); give a "
+                     "--workdir you can write to.") from e
+
+
 def inference_record(config: ml_collections.ConfigDict, task, dataset, input_shape):
   """The checkpoint record entries that rebuild the model without the dataset or an
   optimizer (segjax/apps/restore.py)."""
@@ -51,6 +65,7 @@ def inference_record(config: ml_collections.ConfigDict, task, dataset, input_sha
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns eval metrics."""
+  check_writable(workdir)
   task = get_task(config)
   task.validate(config)
   mesh = sharding.create_mesh(config.mesh.axes)
