@@ -567,3 +567,18 @@ def test_eval_reports_metrics_before_failing_to_write(data_dir, straight, tmp_pa
   assert metrics["step"] == 8 and "mIoU" in table
   assert metrics["mIoU"] == pytest.approx(straight[1]["mIoU"], abs=1e-6)
 
+
+# --- 13. metrics.jsonl: one record per step and kind across resumed runs -------------------
+
+def test_metrics_log_is_idempotent_per_step(data_dir, straight, tmp_path, monkeypatch):
+  import json
+  workdir = str(tmp_path / "w")
+  shutil.copytree(straight[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))  # lost: resume from 4
+  trainer.train_and_evaluate(_config(data_dir), workdir)  # steps 5-8 logged again
+  trainer.train_and_evaluate(_config(data_dir), workdir)  # finished: evaluates step 8 again
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  keys = [(r["step"], tuple(sorted(r))) for r in records]
+  assert len(keys) == len(set(keys)), keys
+  assert sorted({r["step"] for r in records if "train/loss" in r}) == list(range(1, 9))
+  assert [r["step"] for r in records if "eval/mIoU" in r] == [8]

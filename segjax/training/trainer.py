@@ -113,7 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       in_shardings=(state_shardings, batch_sharding, NamedSharding(mesh, P())),
       out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start_step)
   state_finite = jax.jit(steps.all_finite)
   profiler = Profiler(workdir, start_step + 3, config.profile_steps)
   progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
