@@ -582,3 +582,12 @@ def test_metrics_log_is_idempotent_per_step(data_dir, straight, tmp_path, monkey
   assert len(keys) == len(set(keys)), keys
   assert sorted({r["step"] for r in records if "train/loss" in r}) == list(range(1, 9))
   assert [r["step"] for r in records if "eval/mIoU" in r] == [8]
+
+
+def test_eval_wrong_model_message_names_the_right_flag(data_dir, straight):
+  from segjax.commands.evaluate import evaluate_checkpoint
+  config = _config(data_dir, **{"model.options.width": 8})
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    evaluate_checkpoint(config, straight[0])
+  assert "--workdir" not in str(error.value)
+  assert "pass the --config it was trained with" in str(error.value)

@@ -60,19 +60,23 @@ def save(manager: ocp.CheckpointManager, step: int, state, record) -> None:
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)), force=True)
 
 
-def check_record(found: Dict[str, Any], expected: Dict[str, Any], directory: str) -> None:
+def check_record(found: Dict[str, Any], expected: Dict[str, Any], directory: str,
+                 fix: str = "use a new --workdir", subject: str = "") -> None:
+  """Refuses a checkpoint of another model: `subject` (default: the workdir's checkpoints
+  at `directory`) and `fix` (what the user should do) make the sentence."""
+  subject = subject or f"The workdir's checkpoints at {directory}"
   if found["model"] != expected["model"] or found["num_classes"] != expected["num_classes"]:
     raise CheckpointMismatchError(
-        f"The workdir's checkpoints at {directory} are of model {found['model']!r} with "
-        f"{found['num_classes']} classes, but the config asks for {expected['model']!r} with "
-        f"{expected['num_classes']} classes; use a new --workdir.")
+        f"{subject} are of model {found['model']!r} with {found['num_classes']} classes, but "
+        f"the config asks for {expected['model']!r} with {expected['num_classes']} classes; "
+        f"{fix}.")
   if found["param_shapes"] != expected["param_shapes"]:
     diff = sorted(k for k in set(found["param_shapes"]) | set(expected["param_shapes"])
                   if found["param_shapes"].get(k) != expected["param_shapes"].get(k))
     raise CheckpointMismatchError(
-        f"The workdir's checkpoints at {directory} hold model {found['model']!r} with other "
-        f"parameter shapes than the config builds (first difference: {diff[0]}); the model "
-        f"options changed, so use a new --workdir.")
+        f"{subject} hold model {found['model']!r} with other parameter shapes than the "
+        f"config builds (first difference: {diff[0]}); the model options changed, so "
+        f"{fix}.")
 
 
 class DamagedCheckpointError(ValueError):
