@@ -591,3 +591,41 @@ def test_eval_wrong_model_message_names_the_right_flag(data_dir, straight):
     evaluate_checkpoint(config, straight[0])
   assert "--workdir" not in str(error.value)
   assert "pass the --config it was trained with" in str(error.value)
+
+
+# --- 10. segjax.convert on files that are not checkpoints ----------------------------------
+
+def _not_checkpoints(tmp_path):
+  (tmp_path / "text.pth").write_text("hello, not weights\n")
+  Image.fromarray(_photo(0)).save(tmp_path / "photo.jpg")
+  shutil.copy(tmp_path / "photo.jpg", tmp_path / "photo.pth")
+  (tmp_path / "text.npz").write_text("hello, not arrays\n")
+  np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object))
+  import torch
+  torch.save({"w": torch.ones(64, 64)}, tmp_path / "cut.pth")
+  data = (tmp_path / "cut.pth").read_bytes()
+  (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
+  return {"text.pth": r"text\.pth is not a PyTorch checkpoint but a text file\.$",
+          "photo.pth": r"photo\.pth is not a PyTorch checkpoint but a JPEG image\.$",
+          "text.npz": r"text\.npz is not a NumPy archive \(\.npz\) but a text file\.$",
+          "objects.npz": r"objects\.npz holds pickled Python objects rather than plain arrays",
+          "cut.pth": r"cut\.pth is not a PyTorch checkpoint but a truncated or damaged zip "
+                     r"archive\.$"}
+
+
+def test_convert_refuses_files_that_are_not_checkpoints(tmp_path):
+  from segjax.convert.common import read_state_dict
+  for name, message in _not_checkpoints(tmp_path).items():
+    with pytest.raises(ValueError, match=message) as error:
+      read_state_dict(str(tmp_path / name))
+    assert not any(w in str(error.value) for w in ("unsafe", "allow_pickle", "weights_only"))
+
+
+def test_convert_command_says_one_sentence(tmp_path):
+  _not_checkpoints(tmp_path)
+  run = subprocess.run([sys.executable, "-m", "segjax.convert", "--arch", "resnet18", "--input",
+                        str(tmp_path / "photo.pth"), "--output", str(tmp_path / "out.npz")],
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode != 0 and "Traceback" not in run.stderr
+  assert "photo.pth is not a PyTorch checkpoint but a JPEG image." in run.stderr
