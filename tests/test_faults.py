@@ -629,3 +629,56 @@ def test_convert_command_says_one_sentence(tmp_path):
                        text=True, timeout=300)
   assert run.returncode != 0 and "Traceback" not in run.stderr
   assert "photo.pth is not a PyTorch checkpoint but a JPEG image." in run.stderr
+
+
+# --- 8. Corrupt dataset archives -----------------------------------------------------------
+
+def _damaged_copies(good, folder):
+  """{"empty": path, "truncated": path} of `good`'s name under `folder`/<kind>/."""
+  paths = {}
+  for kind in ("empty", "truncated"):
+    os.makedirs(os.path.join(folder, kind), exist_ok=True)
+    path = os.path.join(folder, kind, os.path.basename(good))
+    data = open(good, "rb").read()
+    with open(path, "wb") as f:
+      f.write(b"" if kind == "empty" else data[:len(data) // 2 + 7])
+    paths[kind] = path
+  return paths
+
+
+def test_corrupt_ade20k_zip_is_one_sentence_and_leaves_nothing(tmp_path, capsys):
+  sys.path.insert(0, os.path.join(REPO, "tests"))
+  import test_ade20k
+  from segjax.data import prepare
+  good = tmp_path / "good" / "ADEChallengeData2016.zip"
+  good.parent.mkdir()
+  test_ade20k._tiny_archive(good, np.random.default_rng(0))
+  data_dir = tmp_path / "data"
+  for kind, path in _damaged_copies(str(good), str(tmp_path)).items():
+    args = ["ade20k", "--data_dir", str(data_dir), "--manual_dir", os.path.dirname(path)]
+    assert prepare.main(args) != 0, kind
+    err = capsys.readouterr().err
+    assert (f"{path} is not a valid zip archive (empty or truncated); download it again."
+            in err), err
+    assert "Traceback" not in err
+  # Nothing half-prepared is taken as complete: the good archive prepares in full.
+  args = ["ade20k", "--data_dir", str(data_dir), "--manual_dir", str(good.parent)]
+  assert prepare.main(args) == 0
+  assert "train 3, validation 2" in capsys.readouterr().out
+
+
+def test_corrupt_voc_tar_is_one_sentence(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "tests"))
+  import test_voc_dataset
+  from segjax.data.archives import CorruptArchiveError
+  from segjax.data.sources import get_dataset
+  good = tmp_path / "good" / "VOCtrainval_11-May-2012.tar"
+  good.parent.mkdir()
+  test_voc_dataset._voc_tar(good, np.random.default_rng(0), ["2007_000032", "2008_000002"],
+                            ["2007_000033"])
+  for kind, path in _damaged_copies(str(good), str(tmp_path)).items():
+    with pytest.raises(CorruptArchiveError, match=rf"^{path} is not a valid tar archive \(empty "
+                                                  r"or truncated\); download it again\.$"):
+      dataset = get_dataset("voc2012", str(tmp_path / f"data_{kind}"), os.path.dirname(path))
+      for split in ("train", "validation"):
+        list(dataset.source(split))
