@@ -682,3 +682,19 @@ def test_corrupt_voc_tar_is_one_sentence(tmp_path):
       dataset = get_dataset("voc2012", str(tmp_path / f"data_{kind}"), os.path.dirname(path))
       for split in ("train", "validation"):
         list(dataset.source(split))
+
+
+# --- 9. The label-range message points at the real fix -------------------------------------
+
+def test_out_of_range_label_names_image_value_and_real_fix():
+  from segjax.data import transforms
+  check = transforms.parse_pipeline("check_labels(num_classes=150)")
+  example = {"image": np.zeros((2, 2, 3), np.uint8), "label": np.array([[0, 150], [3, 255]]),
+             "file_name": b"ADE_val_00000001"}
+  with pytest.raises(ValueError) as error:
+    check(example, np.random.default_rng(0))
+  message = str(error.value)
+  assert "of ADE_val_00000001 contains values [150]" in message
+  assert "reduce_zero_label op" in message and "data.train_ops" in message
+  assert "inference.label_ops" in message
+  assert "data.reduce_zero_label" not in message and "data.num_classes" not in message
