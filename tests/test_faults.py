@@ -155,6 +155,8 @@ def test_train_py_stops_cleanly_on_signal(data_dir, straight, tmp_path, signum):
   assert 1 <= step <= 8
   assert str(step) in os.listdir(workdir / "checkpoints")
   assert os.path.join(str(workdir), "checkpoints", str(step)) in lines[0]
+  if signum == signal.SIGINT:  # resuming is the same after either signal
+    return
   again = _train_cli(*args)
   out, err = again.communicate(timeout=300)
   assert again.returncode == 0, err[-3000:]
@@ -469,7 +471,7 @@ _BOX_DTYPES = [np.int8, np.uint8, np.int16, np.int32, np.float16, np.float32]
 
 @st.composite
 def _box_sets(draw):
-  n = draw(st.integers(0, 12))
+  n = draw(st.sampled_from([0, 1, 3, 12]))  # few shapes: each compiles the NMS anew
   dtype = draw(st.sampled_from(_BOX_DTYPES))
   xy = draw(hnp.arrays(np.int64, (n, 2), elements=st.integers(0, 100)))
   wh = draw(hnp.arrays(np.int64, (n, 2), elements=st.integers(0, 27)))
@@ -479,9 +481,9 @@ def _box_sets(draw):
   return boxes, scores, classes
 
 
-@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@settings(max_examples=30, deadline=None, database=None, derandomize=True)
 @given(sets=_box_sets(), threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7]),
-       max_out=st.integers(1, 8))
+       max_out=st.sampled_from([1, 4]))
 def test_box_ops_and_nms_match_plain_reference(sets, threshold, max_out):
   from segjax.ops.boxes import box_area, pairwise_iou
   from segjax.ops.nms import batched_nms, nms
