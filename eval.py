@@ -42,9 +42,10 @@ def main(argv):
         checkpoint if os.path.isdir(os.path.join(checkpoint, "checkpoints"))
         else os.path.dirname(os.path.abspath(checkpoint)),
         f"eval_{config.data.eval_split.split('[')[0]}.json")
-    metrics, table = evaluate_checkpoint(config, checkpoint, output)
-    print(f"step {metrics['step']}, {metrics['split']}, inference {metrics['mode']}:")
-    print(table)
+    def report(metrics, table):
+      print(f"step {metrics['step']}, {metrics['split']}, inference {metrics['mode']}:")
+      print(table, flush=True)
+    evaluate_checkpoint(config, checkpoint, output, report=report)
     print(f"metrics written to {output}")
   cli.run(evaluate)
 

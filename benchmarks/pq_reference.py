@@ -20,9 +20,11 @@ def read_panoptic_png(path: str) -> np.ndarray:
 
 
 def reference_image_counts(gt_ids: np.ndarray, gt_segments: Sequence[Dict[str, Any]],
-                           pred_ids: np.ndarray, pred_segments: Sequence[Dict[str, Any]]
-                           ) -> Dict[int, List[float]]:
-  """{category_id: [tp, fp, fn, iou_sum]} of one image, segment by segment."""
+                           pred_ids: np.ndarray, pred_segments: Sequence[Dict[str, Any]],
+                           crowd_region: str = "last") -> Dict[int, List[float]]:
+  """{category_id: [tp, fp, fn, iou_sum]} of one image, segment by segment. A class's
+  crowd region is its last crowd segment listed (panopticapi's `crowd_labels_dict`) or,
+  with crowd_region="union", all of its crowd segments."""
   counts: Dict[int, List[float]] = {}
 
   def entry(category_id):
@@ -57,7 +59,10 @@ def reference_image_counts(gt_ids: np.ndarray, gt_segments: Sequence[Dict[str, A
     crowd = np.zeros_like(void)
     for gt in gt_segments:
       if gt.get("iscrowd", 0) == 1 and gt["category_id"] == pred["category_id"]:
-        crowd |= gt_masks[gt["id"]]
+        if crowd_region == "last":  # panopticapi: the last crowd segment of the class
+          crowd = gt_masks[gt["id"]].copy()
+        else:
+          crowd |= gt_masks[gt["id"]]
     pred_mask = pred_masks[pred["id"]]
     if np.sum(pred_mask & (void | crowd)) / np.sum(pred_mask) > 0.5:
       continue
@@ -89,7 +94,7 @@ def reference_average(counts: Dict[int, List[float]],
 
 
 def reference_pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: str,
-                         pred_folder: str) -> Dict[Any, Any]:
+                         pred_folder: str, crowd_region: str = "last") -> Dict[Any, Any]:
   """PQ of COCO panoptic JSON + PNG files, image by image and segment by segment."""
   with open(gt_json_file) as f:
     gt_json = json.load(f)
@@ -102,7 +107,7 @@ def reference_pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: str,
     counts = reference_image_counts(
         read_panoptic_png(os.path.join(gt_folder, gt_ann["file_name"])), gt_ann["segments_info"],
         read_panoptic_png(os.path.join(pred_folder, pred_ann["file_name"])),
-        pred_ann["segments_info"])
+        pred_ann["segments_info"], crowd_region)
     for category_id, values in counts.items():
       total = totals.setdefault(category_id, [0, 0, 0, 0.0])
       for k in range(4):

@@ -100,6 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.999
   config.optimizer.weight_decay = 5e-4
   config.optimizer.grad_clip_norm = 0.0  # 0 = off
+  # A step with a non-finite loss or gradient norm: "stop" the run (nothing of it is
+  # saved) or "skip" its update (parameters and optimizer state stay as they were).
+  config.optimizer.nonfinite = "stop"
 
   config.total_steps = 1000
   config.log_every = 10

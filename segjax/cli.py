@@ -94,13 +94,16 @@ def run(command: Callable[[], None]) -> None:
   and data problems exit with one sentence."""
   # Imported here so that flag errors are reported before jax starts.
   from segjax.data.sources import DatasetNotFoundError
-  from segjax.training.checkpointing import CheckpointMismatchError
+  from segjax.training.checkpointing import CheckpointMismatchError, DamagedCheckpointError
   from segjax.training import distributed
   logging.set_verbosity(logging.WARNING)
   try:
     distributed.initialize(DISTRIBUTED.value, COORDINATOR.value, NUM_PROCESSES.value,
                            PROCESS_ID.value)
     command()
-  except (DatasetNotFoundError, CheckpointMismatchError, KeyError, ValueError) as e:
+  except KeyboardInterrupt:
+    sys.exit("Interrupted.")
+  except (DatasetNotFoundError, CheckpointMismatchError, DamagedCheckpointError, KeyError,
+          ValueError) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     sys.exit(f"error: {message}")

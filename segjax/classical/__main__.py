@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from segjax import images
 from segjax.classical.affinity import FEATURES
 from segjax.classical.clustering import FEATURE_MODES, KERNELS, kmeans_segment, mean_shift_segment
 from segjax.classical.min_cut import min_cut_segment
@@ -359,7 +360,9 @@ def read_image(path: str) -> np.ndarray:
   """uint8 RGB [H, W, 3] of an image file; UserError naming the file if it cannot be read."""
   try:
     with Image.open(path) as image:
-      return np.asarray(image.convert("RGB"))
+      return images.to_rgb8(image, f"input image {path!r}")
+  except images.UnsupportedImageError as error:
+    raise UserError(f"{error}") from None
   except FileNotFoundError:
     raise UserError(f"input image {path!r} does not exist.") from None
   except IsADirectoryError:

@@ -2,7 +2,7 @@
 computes them, printed and written as JSON."""
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import ml_collections
@@ -15,10 +15,15 @@ from segjax.training import sharding
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
-                        output: str = "") -> Tuple[Dict[str, Any], str]:
+                        output: str = "",
+                        report: Optional[Callable[[Dict[str, Any], str], None]] = None
+                        ) -> Tuple[Dict[str, Any], str]:
   """Scores a checkpoint on `data.eval_split`; writes the metrics as JSON to `output`
   (and a panel of the first predictions beside it, where the task draws one).
-  Returns (metrics with "step", "split" and "mode", the task's console table)."""
+  Returns (metrics with "step", "split" and "mode", the task's console table).
+
+  `report(metrics, table)` is called before anything is written, so that the numbers
+  are out even when `output`'s folder cannot be written (then a ValueError says where)."""
   restored = restore(checkpoint, config, open_dataset=True)
   config, dataset = restored.config, restored.dataset
   evaluator = restored.task.evaluator(
@@ -28,12 +33,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
   table = evaluator.table(metrics)
   metrics = {"step": restored.step, "split": config.data.eval_split,
              "mode": config.inference.mode, **metrics}
+  if report is not None:
+    report(metrics, table)
   if output and jax.process_index() == 0:
     directory = os.path.dirname(os.path.abspath(output))
-    os.makedirs(directory, exist_ok=True)
-    with open(output, "w") as f:
-      json.dump(_jsonable(metrics, dataset.class_names), f, indent=1)
-    visualization.save_step_panel(directory, restored.step, evaluator.panel())
+    try:
+      os.makedirs(directory, exist_ok=True)
+      with open(output, "w") as f:
+        json.dump(_jsonable(metrics, dataset.class_names), f, indent=1)
+      visualization.save_step_panel(directory, restored.step, evaluator.panel())
+    except OSError as e:
+      raise ValueError(f"Could not write the results to {directory} ({e.strerror or e}); "
+                       "give --output a path in a folder you can write to.") from e
   return metrics, table
 
 

@@ -7,6 +7,7 @@ ids + one predictions.json).
 """
 import glob
 import os
+import sys
 from typing import List, Optional
 
 import ml_collections
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from segjax import images
 from segjax.commands.restore import restore
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -33,11 +35,14 @@ def image_files(path: str) -> List[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-  """An RGB uint8 image, or a ValueError naming a file that is not one."""
+  """An RGB uint8 image (16-bit and [0, 1] float images scaled, not clipped), or a
+  ValueError naming a file that is not one."""
   try:
     with Image.open(path) as image:
-      return np.asarray(image.convert("RGB"))
-  except (OSError, SyntaxError) as e:
+      return images.to_rgb8(image, path)
+  except images.UnsupportedImageError:
+    raise
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"Cannot read {path} as an image ({e}); is it a corrupt or "
                      "non-image file?") from e
 
@@ -46,21 +51,58 @@ def _crf_on(config: ml_collections.ConfigDict) -> None:
   config.inference.crf.enabled = True
 
 
+class SkippedImagesError(ValueError):
+  """Some input images could not be read; the others were labelled."""
+
+
+def output_stems(files: List[str]) -> List[str]:
+  """The output name stem of each input: its name without the extension, or with it
+  (photo.jpg, photo.png) where two inputs share a stem, so that no outputs collide."""
+  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  shared = {s for s in stems if stems.count(s) > 1}
+  return [os.path.basename(f) if s in shared else s for f, s in zip(files, stems)]
+
+
+def _check_output_folder(files: List[str], output_dir: str) -> None:
+  """Refuses an output folder holding input images: predictions there (<stem>.png, ...)
+  could overwrite them."""
+  output = os.path.realpath(output_dir)
+  inside = [f for f in files if os.path.dirname(os.path.realpath(f)) == output]
+  if inside:
+    raise ValueError(f"--output {output_dir} holds input images ({os.path.basename(inside[0])}"
+                     f"{f' and {len(inside) - 1} more' if len(inside) > 1 else ''}), which "
+                     "predictions could overwrite; choose another output folder.")
+
+
 def predict_files(checkpoint: str, input_path: str, output_dir: str,
                   config: Optional[ml_collections.ConfigDict] = None,
                   crf: bool = False) -> List[str]:
   """Labels every input image with the model of `checkpoint` (its own config unless
   `config` is given; `crf` turns on the dense CRF refinement); returns the written
-  paths."""
+  paths.
+
+  Output names never collide (`output_stems`) and never land on an input file. An image
+  that cannot be read is skipped with a warning and the rest are labelled; then
+  SkippedImagesError lists the skipped ones (and how many files were written)."""
   files = image_files(input_path)
+  _check_output_folder(files, output_dir)
   restored = restore(checkpoint, config, edit=_crf_on if crf else None, for_prediction=True)
   config, task, dataset = restored.config, restored.task, restored.dataset
   predictor = task.predictor(config, dataset, restored.model, restored.variables)
   os.makedirs(output_dir, exist_ok=True)
   writer = task.writer(output_dir, dataset, restored.model)
-  written = []
-  for path in tqdm(files, unit="image"):
-    image = read_image(path)
-    stem = os.path.splitext(os.path.basename(path))[0]
+  written, skipped = [], []
+  for path, stem in zip(tqdm(files, unit="image"), output_stems(files)):
+    try:
+      image = read_image(path)
+    except ValueError as e:
+      tqdm.write(f"warning: skipping {path}: {e}", file=sys.stderr)
+      skipped.append(path)
+      continue
     written += writer.write(predictor(image), image, stem)
-  return written + writer.close()
+  written = list(dict.fromkeys(written + writer.close()))  # each file once
+  if skipped:
+    raise SkippedImagesError(
+        f"wrote {len(written)} files to {output_dir} but skipped {len(skipped)} of "
+        f"{len(files)} images that could not be read: {', '.join(skipped)}.")
+  return written

@@ -117,7 +117,10 @@ def restore(checkpoint: str, config: Optional[ml_collections.ConfigDict] = None,
   abstract, shardings = _abstract_variables(model, input_shape, mesh, config)
   expected = checkpointing.model_record(config.model.name, model.num_classes,
                                         abstract["params"])
-  checkpointing.check_record(record, expected, checkpoint)
+  checkpointing.check_record(
+      record, expected, checkpoint, subject=f"The checkpoints at {checkpoint}",
+      fix="pass the --config it was trained with (predict.py: or no --config, to use the "
+          "checkpoint's own)")
   variables = checkpointing.restore_variables(checkpoint, step, abstract)
   return Restored(config, task, dataset, model, variables, step, mesh, shardings)
 

@@ -7,6 +7,7 @@ HWIO, BatchNorm weight/bias/running stats -> scale/bias/batch_stats) and
 refuses a state dict with missing, unknown or misshapen keys.
 """
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping
 
@@ -94,17 +95,65 @@ def _strip_data_parallel(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   return state
 
 
+_SIGNATURES = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"),
+               (b"GIF8", "a GIF image"), (b"%PDF", "a PDF document"),
+               (b"\x1f\x8b", "a gzip file"), (b"PK", "a truncated or damaged zip archive"))
+
+
+def _looks_like(path: str) -> str:
+  """What the first bytes of `path` say it is, for error messages (called on files that
+  are no readable zip archive, so a zip signature means a damaged one)."""
+  with open(path, "rb") as f:
+    head = f.read(512)
+  if not head:
+    return "an empty file"
+  for signature, kind in _SIGNATURES:
+    if head.startswith(signature):
+      return kind
+  try:
+    head.decode("utf-8")
+    return "a text file"
+  except UnicodeDecodeError:
+    return "an unknown binary file"
+
+
+def _read_npz(path: str) -> Dict[str, np.ndarray]:
+  """The arrays of an .npz; never unpickles (a pickled member is refused)."""
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f"{path} is not a NumPy archive (.npz) but {_looks_like(path)}.")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
+  except ValueError as e:
+    if "pickle" not in str(e):
+      raise ValueError(f"{path} is not a readable NumPy archive ({e}).") from e
+    raise ValueError(f"{path} holds pickled Python objects rather than plain arrays; "
+                     "segjax reads only arrays from .npz files.") from e
+  except (OSError, zipfile.BadZipFile, EOFError) as e:
+    raise ValueError(f"{path} is not a readable NumPy archive (.npz): {e}.") from e
+
+
+def _check_torch_file(path: str) -> None:
+  """A torch.save file is a zip archive (PyTorch >= 1.6) or a pickle (protocol >= 2)."""
+  if zipfile.is_zipfile(path):
+    return
+  with open(path, "rb") as f:
+    if f.read(1) == b"\x80":
+      return
+  raise ValueError(f"{path} is not a PyTorch checkpoint but {_looks_like(path)}.")
+
+
 def _read_state_dict(path: str) -> Dict[str, np.ndarray]:
   suffix = Path(path).suffix
   if suffix == ".npz":
-    with np.load(path) as data:
-      return {k: data[k] for k in data.files}
+    return _read_npz(path)
   if suffix == ".safetensors":
     try:
       from safetensors.numpy import load_file
     except ImportError as e:
       raise ImportError("Reading .safetensors needs the 'safetensors' package.") from e
     return load_file(path)
+  _check_torch_file(path)
   try:
     import torch
   except ImportError:
@@ -114,7 +163,10 @@ def _read_state_dict(path: str) -> Dict[str, np.ndarray]:
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # objects beyond tensors (e.g. a framework's metadata)
-      torch = None
+      torch = None  # read safely below; torch's advice to unpickle unsafely is not passed on
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+      raise ValueError(f"{path} is not a PyTorch checkpoint that can be read "
+                       f"({type(e).__name__}); is it truncated or another kind of file?") from e
   if torch is None:  # read without PyTorch (segjax/convert/torch_pickle.py)
     from segjax.convert.torch_pickle import read_torch_checkpoint
     obj = read_torch_checkpoint(path)

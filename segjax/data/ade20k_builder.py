@@ -6,11 +6,11 @@ archive's own bytes. Labels keep the archive's ids: configs map 0 -> ignore and
 the rest minus one with the `reduce_zero_label` op, as mmsegmentation does.
 """
 import os
-import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from segjax.data import archives
 from segjax.data import tfds_builders
 
 ARCHIVE = "ADEChallengeData2016.zip"
@@ -56,7 +56,7 @@ class Ade20k(tfds_builders.PackagedBuilder):
             for split, folder in _SPLIT_DIRS.items()}
 
   def _generate_examples(self, archive, folder):
-    with zipfile.ZipFile(archive) as zf:
+    with archives.open_zip(archive) as zf:
       names = set(zf.namelist())
       images = sorted(n for n in names if f"/images/{folder}/" in n and n.endswith(".jpg"))
       if not images:

@@ -15,12 +15,12 @@ import dataclasses
 import io
 import os
 import re
-import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from segjax.data import archives
 from segjax.data import tfds_builders
 
 # Acceptable archives, in the order they are looked for; one is enough.
@@ -122,7 +122,7 @@ class Camvid(tfds_builders.PackagedBuilder):
             for split, folder in _SPLIT_DIRS.items()}
 
   def _generate_examples(self, archive, folder):
-    with zipfile.ZipFile(archive) as zf:
+    with archives.open_zip(archive) as zf:
       names = set(zf.namelist())
       prefix = _camvid_prefix(archive, names)
       image_dir, label_dir = f"{prefix}{folder}/", f"{prefix}{folder}annot/"

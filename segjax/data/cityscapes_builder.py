@@ -17,6 +17,7 @@ import scipy.ndimage
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from segjax.data import archives
 from segjax.data import tfds_builders
 
 IMAGES_ARCHIVE = "leftImg8bit_trainvaltest.zip"
@@ -184,8 +185,8 @@ class Cityscapes(tfds_builders.PackagedBuilder):
             for split, folder in _SPLIT_DIRS.items()}
 
   def _generate_examples(self, images_archive, labels_archive, folder):
-    with zipfile.ZipFile(images_archive) as images_zf, \
-        zipfile.ZipFile(labels_archive) as labels_zf:
+    with archives.open_zip(images_archive) as images_zf, \
+        archives.open_zip(labels_archive) as labels_zf:
       prefix = f"leftImg8bit/{folder}/"
       images = sorted(n for n in images_zf.namelist()
                       if n.startswith(prefix) and n.endswith(_IMAGE_SUFFIX))

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from segjax.data import archives
 from segjax.data import coco_masks
 from segjax.data import tfds_builders
 
@@ -120,7 +121,7 @@ def _read_member(zf: zipfile.ZipFile, member: str, archive: str) -> bytes:
 
 
 def _read_json(archive: str, member: str) -> dict:
-  with zipfile.ZipFile(archive) as zf:
+  with archives.open_zip(archive) as zf:
     try:
       with zf.open(member) as f:
         return json.load(f)
@@ -196,7 +197,7 @@ class CocoInstances(tfds_builders.PackagedBuilder):
     where = f"{annotation_archive}:{json_member}"
     _check_categories(data["categories"], THING_CATEGORIES, where, with_isthing=False)
     annotations = _group_by_image(data["annotations"])
-    with zipfile.ZipFile(image_archive) as zf:
+    with archives.open_zip(image_archive) as zf:
       for image in sorted(data["images"], key=lambda im: im["id"]):
         member = f"{stem}/{image['file_name']}"
         jpeg = _read_member(zf, member, image_archive)
@@ -256,14 +257,14 @@ class CocoPanoptic(tfds_builders.PackagedBuilder):
     nested = f"annotations/panoptic_{stem}.zip"
     with tempfile.TemporaryDirectory(dir=self.data_dir_root) as tmp:
       png_archive = os.path.join(tmp, os.path.basename(nested))
-      with zipfile.ZipFile(panoptic_archive) as outer:
+      with archives.open_zip(panoptic_archive) as outer:
         try:
           with outer.open(nested) as src, open(png_archive, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 24)
         except KeyError:
           raise ValueError(f"{panoptic_archive} has no nested {nested}; is it the COCO 2017 "
                            "panoptic annotation archive?") from None
-      with zipfile.ZipFile(image_archive) as images, zipfile.ZipFile(png_archive) as pngs:
+      with archives.open_zip(image_archive) as images, archives.open_zip(png_archive) as pngs:
         for image in sorted(data["images"], key=lambda im: im["id"]):
           if image["id"] not in annotations:
             raise ValueError(f"{where} has image {image['id']} ({image['file_name']}) but no "

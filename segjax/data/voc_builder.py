@@ -22,6 +22,7 @@ import scipy.io
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from segjax.data import archives
 from segjax.data import tfds_builders
 
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
@@ -147,7 +148,7 @@ class _VocIndex:
     self.images: Dict[str, tarfile.TarInfo] = {}
     self.labels: Dict[str, bytes] = {}
     self.split_ids: Dict[str, List[str]] = {}
-    with tarfile.open(archive) as tar:
+    with archives.open_tar(archive) as tar:
       for member in tar:
         if not member.isfile():
           continue
@@ -183,7 +184,7 @@ class _VocIndex:
 
   def examples(self, ids: Iterable[str], label_of: Callable[[str], Label]) -> Iterator:
     """(id, record) for `ids`, reading their images in archive order."""
-    with tarfile.open(self.archive) as tar:
+    with archives.open_tar(self.archive) as tar:
       for image_id in sorted(ids, key=lambda i: self.images[i].offset_data):
         image = tar.extractfile(self.images[image_id]).read()
         yield image_id, _record(image_id, image, self.image_member(image_id), self.archive,
@@ -210,7 +211,7 @@ class _SbdIndex:
     self.labels: Dict[str, Label] = {}
     self.split_ids: Dict[str, List[str]] = {}
     skip_labels = set(skip_labels)
-    with tarfile.open(archive, "r|*") as tar:
+    with archives.open_tar(archive, "r|*") as tar:
       for member in tar:
         if not member.isfile():
           continue
@@ -233,7 +234,7 @@ class _SbdIndex:
     pending = set(ids)
     if not pending:
       return
-    with tarfile.open(self.archive, "r|*") as tar:
+    with archives.open_tar(self.archive, "r|*") as tar:
       for member in tar:
         name = _member_name(member)
         stem, ext = os.path.splitext(os.path.basename(name))

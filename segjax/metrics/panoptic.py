@@ -4,9 +4,12 @@ A ground-truth and a predicted segment match when they have the same category,
 the ground truth is not crowd and IoU > 0.5, where the union leaves out the
 predicted pixels on VOID (id 0). Unmatched non-crowd ground truth is a false
 negative. An unmatched prediction is a false positive unless more than half of
-it lies on VOID plus the crowd region of its own class (all crowd segments of
-that class in the image; panopticapi keeps only the last one listed, which
-differs only when an image has several crowd segments of one class).
+it lies on VOID plus the crowd region of its own class. As in panopticapi, a
+class's crowd region is its last crowd segment listed in the image's
+segments_info (`crowd_region="last"`, the default); `crowd_region="union"` takes
+all of that class's crowd segments instead, which differs from panopticapi only
+when an image lists several crowd segments of one class (COCO's converters write
+one per class).
 
 Per image, the pixels are cut into raster-order runs of one (gt id, predicted id)
 pair (two compares per pixel; panoptic maps are piecewise constant, so runs are
@@ -32,6 +35,7 @@ import numpy as np
 VOID = 0
 MATCH_IOU = 0.5
 IGNORE_FRACTION = 0.5
+CROWD_REGIONS = ("last", "union")
 _LUT_SIZE = 1 << 24
 # Pixel-by-pixel counting once the runs exceed 1 / _MAX_RUN_FRACTION of the pixels.
 _MAX_RUN_FRACTION = 8
@@ -205,7 +209,7 @@ def _joint_counts(gt_ids: np.ndarray, pred_ids: np.ndarray, g_ids: np.ndarray,
 
 def image_pq_stats(gt_ids: np.ndarray, gt_segments: Sequence[Segment], pred_ids: np.ndarray,
                    pred_segments: Sequence[Segment], category_ids: Sequence[int],
-                   image_id: Any = None) -> PQStats:
+                   image_id: Any = None, crowd_region: str = "last") -> PQStats:
   """Per-class TP, FP, FN and IoU sum of one image.
 
   Args:
@@ -217,6 +221,8 @@ def image_pq_stats(gt_ids: np.ndarray, gt_segments: Sequence[Segment], pred_ids:
     pred_segments: dicts with 'id' and 'category_id'; area is always the pixel count.
     category_ids: the known category ids; the result is indexed in this order.
     image_id: only used to name the image in error messages.
+    crowd_region: which crowd segments of a class excuse its unmatched predictions:
+      "last" (the last listed, panopticapi's rule) or "union" (all of them).
 
   Returns:
     PQStats over `category_ids`.
@@ -229,6 +235,8 @@ def image_pq_stats(gt_ids: np.ndarray, gt_segments: Sequence[Segment], pred_ids:
     if not np.issubdtype(id_map.dtype, np.integer):
       raise ValueError(f"{_where(image_id)}the {kind} id map must be an integer array, got "
                        f"{id_map.dtype}.")
+  if crowd_region not in CROWD_REGIONS:
+    raise ValueError(f"crowd_region must be one of {CROWD_REGIONS}, got {crowd_region!r}.")
   category_index = {int(c): i for i, c in enumerate(category_ids)}
   num_classes = len(category_index)
   g_ids, g_class, g_crowd, g_area_field = _segment_table(gt_segments, category_index,
@@ -271,7 +279,14 @@ def image_pq_stats(gt_ids: np.ndarray, gt_segments: Sequence[Segment], pred_ids:
   iou_sum = np.bincount(pair_class, weights=iou[matched], minlength=num_classes)
   fn_rows = ~matched.any(axis=1) & ~g_crowd
   fn = np.bincount(g_class[fn_rows], minlength=num_classes)
-  on_crowd = (inter * (same_class & g_crowd[:, None])).sum(axis=0)
+  region = g_crowd
+  if crowd_region == "last":  # panopticapi: one crowd segment per class, the last listed
+    last = {}
+    for segment in gt_segments:
+      if segment.get("iscrowd", 0):
+        last[segment["category_id"]] = int(segment["id"])
+    region = np.isin(g_ids[1:], np.array(list(last.values()), g_ids.dtype)) & g_crowd
+  on_crowd = (inter * (same_class & region[:, None])).sum(axis=0)
   ignored = (void + on_crowd) / p_area > IGNORE_FRACTION
   fp_cols = ~matched.any(axis=0) & ~ignored
   fp = np.bincount(p_class[fp_cols], minlength=num_classes)
@@ -308,8 +323,10 @@ class PQAccumulator:
   over `acc.category_ids`) are folded in with `add_stats`.
   """
 
-  def __init__(self, categories: Categories):
-    """Categories: COCO dicts with 'id' and 'isthing' (list, or mapping id -> dict)."""
+  def __init__(self, categories: Categories, crowd_region: str = "last"):
+    """Categories: COCO dicts with 'id' and 'isthing' (list, or mapping id -> dict);
+    crowd_region: see `image_pq_stats`."""
+    self.crowd_region = crowd_region
     self.categories = _category_list(categories)
     self.category_ids = tuple(c["id"] for c in self.categories)
     self.stats = PQStats.zeros(len(self.category_ids))
@@ -318,7 +335,7 @@ class PQAccumulator:
           pred_segments: Sequence[Segment], image_id: Any = None) -> None:
     """Adds one image; see `image_pq_stats` for the arguments."""
     self.add_stats(image_pq_stats(gt_ids, gt_segments, pred_ids, pred_segments,
-                                  self.category_ids, image_id))
+                                  self.category_ids, image_id, self.crowd_region))
 
   def add_stats(self, stats: PQStats) -> None:
     """Adds statistics computed over `self.category_ids`."""
@@ -371,14 +388,15 @@ def read_id_png(path: str) -> np.ndarray:
 
 
 def _evaluate_pairs(pairs: Sequence[Tuple[Segment, Segment]], gt_folder: str, pred_folder: str,
-                    category_ids: Sequence[int]) -> List[PQStats]:
+                    category_ids: Sequence[int], crowd_region: str) -> List[PQStats]:
   """Per-image statistics of (gt annotation, prediction annotation) pairs read from disk."""
   stats = []
   for gt_ann, pred_ann in pairs:
     gt_ids = read_id_png(os.path.join(gt_folder, gt_ann["file_name"]))
     pred_ids = read_id_png(os.path.join(pred_folder, pred_ann["file_name"]))
     stats.append(image_pq_stats(gt_ids, gt_ann["segments_info"], pred_ids,
-                                pred_ann["segments_info"], category_ids, gt_ann["image_id"]))
+                                pred_ann["segments_info"], category_ids, gt_ann["image_id"],
+                                crowd_region))
   return stats
 
 
@@ -427,7 +445,8 @@ def _chunks(items: Sequence[Any], num_chunks: int) -> List[Sequence[Any]]:
 
 def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] = None,
                pred_folder: Optional[str] = None,
-               num_workers: Optional[int] = None) -> Dict[Any, Any]:
+               num_workers: Optional[int] = None,
+               crowd_region: str = "last") -> Dict[Any, Any]:
   """Panoptic quality of COCO panoptic predictions, as panopticapi's `pq_compute`.
 
   Args:
@@ -440,6 +459,8 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] 
       thread alone. Threads, not processes: PNG decoding (OpenCV) and the pixel passes
       (numpy) release the GIL, so threads scale with the cores and start at once, while a
       process would first import numpy, OpenCV and, through segjax.metrics, JAX.
+    crowd_region: "last" (panopticapi's rule: a class's crowd region is its last crowd
+      segment listed) or "union" (all its crowd segments); see `image_pq_stats`.
 
   Returns:
     {'All'|'Things'|'Stuff': {'pq','sq','rq','n'}, 'per_class': {category_id: {'pq','sq','rq'}}}
@@ -455,19 +476,20 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] 
   pred_json = _load_json(pred_json_file, "Prediction")
   if "categories" not in gt_json:
     raise ValueError(f"Ground-truth JSON {gt_json_file} has no 'categories'.")
-  accumulator = PQAccumulator(gt_json["categories"])
+  accumulator = PQAccumulator(gt_json["categories"], crowd_region)
   pairs = _matched_annotations(gt_json, pred_json, pred_json_file)
   if num_workers is not None and num_workers < 1:
     raise ValueError(f"num_workers must be >= 1 or None, got {num_workers}.")
   workers = min(num_workers or os.cpu_count() or 1, len(pairs))
   if workers <= 1:
-    per_image = _evaluate_pairs(pairs, gt_folder, pred_folder, accumulator.category_ids)
+    per_image = _evaluate_pairs(pairs, gt_folder, pred_folder, accumulator.category_ids,
+                                crowd_region)
   else:
     # A few chunks per thread balance the load; per-image results keep the sum order fixed so
     # that any number of workers gives bit-identical results.
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       chunks = pool.map(lambda chunk: _evaluate_pairs(chunk, gt_folder, pred_folder,
-                                                      accumulator.category_ids),
+                                                      accumulator.category_ids, crowd_region),
                         _chunks(pairs, 4 * workers))
       per_image = [s for chunk in chunks for s in chunk]
   for stats in per_image:

@@ -17,16 +17,26 @@ def _check_boxes(boxes, name):
                      f"{boxes.shape}; reshape it to [..., 4].")
 
 
+def _upcast(boxes):
+  """Small dtypes widened as torchvision's box ops do, so that areas and products neither
+  overflow (int8: a 100x100 box) nor underflow (float16 IoUs): floats below 32 bits to
+  float32, integers other than int32/int64 to int32."""
+  if jnp.issubdtype(boxes.dtype, jnp.floating):
+    return boxes if boxes.dtype in (jnp.float32, jnp.float64) else boxes.astype(jnp.float32)
+  return boxes if boxes.dtype in (jnp.int32, jnp.int64) else boxes.astype(jnp.int32)
+
+
 def box_area(boxes):
-  """Area `(x2 - x1) * (y2 - y1)` of boxes [..., 4]."""
-  boxes = jnp.asarray(boxes)
+  """Area `(x2 - x1) * (y2 - y1)` of boxes [..., 4] (small dtypes upcast, `_upcast`)."""
+  boxes = _upcast(jnp.asarray(boxes))
   _check_boxes(boxes, "boxes")
   return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def pairwise_iou(a, b):
-  """IoU matrix [N, M] of boxes a [N, 4] and b [M, 4]; 0 where the union is empty."""
-  a, b = jnp.asarray(a), jnp.asarray(b)
+  """IoU matrix [N, M] of boxes a [N, 4] and b [M, 4]; 0 where the union is empty
+  (small dtypes upcast, `_upcast`)."""
+  a, b = _upcast(jnp.asarray(a)), _upcast(jnp.asarray(b))
   _check_boxes(a, "a")
   _check_boxes(b, "b")
   lt = jnp.maximum(a[:, None, :2], b[None, :, :2])

@@ -39,6 +39,8 @@ def _check_inputs(boxes, scores, max_output_size, iou_threshold):
 def _nms_core(boxes, scores, classes, valid, iou_threshold, max_output_size, block_size):
   """Shared greedy pass; suppression only between boxes of equal `classes`."""
   n = boxes.shape[0]
+  if n == 0:  # nothing to keep (torchvision returns an empty index list)
+    return jnp.full((max_output_size,), -1, jnp.int32), jnp.int32(0)
   block = min(block_size, n)
   num_blocks = -(-n // block)
   pad = num_blocks * block - n

@@ -17,6 +17,7 @@ restore only the parameters and BatchNorm statistics (`restore_variables`).
 """
 import logging
 import os
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -39,7 +40,10 @@ def model_record(model_name: str, num_classes: int, params, **inference) -> Dict
 
 def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   """Keeps the `keep` latest checkpoints; the trainer decides when to save."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  # Orbax writes each step into a temporary folder renamed on completion, so a step cut
+  # off mid-write is never listed; leftovers of such writes are removed at start-up.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         cleanup_tmp_directories=True)
   return _manager(os.path.join(os.path.abspath(workdir), "checkpoints"), options)
 
 
@@ -56,31 +60,92 @@ def save(manager: ocp.CheckpointManager, step: int, state, record) -> None:
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)), force=True)
 
 
-def check_record(found: Dict[str, Any], expected: Dict[str, Any], directory: str) -> None:
+def check_record(found: Dict[str, Any], expected: Dict[str, Any], directory: str,
+                 fix: str = "use a new --workdir", subject: str = "") -> None:
+  """Refuses a checkpoint of another model: `subject` (default: the workdir's checkpoints
+  at `directory`) and `fix` (what the user should do) make the sentence."""
+  subject = subject or f"The workdir's checkpoints at {directory}"
   if found["model"] != expected["model"] or found["num_classes"] != expected["num_classes"]:
     raise CheckpointMismatchError(
-        f"The workdir's checkpoints at {directory} are of model {found['model']!r} with "
-        f"{found['num_classes']} classes, but the config asks for {expected['model']!r} with "
-        f"{expected['num_classes']} classes; use a new --workdir.")
+        f"{subject} are of model {found['model']!r} with {found['num_classes']} classes, but "
+        f"the config asks for {expected['model']!r} with {expected['num_classes']} classes; "
+        f"{fix}.")
   if found["param_shapes"] != expected["param_shapes"]:
     diff = sorted(k for k in set(found["param_shapes"]) | set(expected["param_shapes"])
                   if found["param_shapes"].get(k) != expected["param_shapes"].get(k))
     raise CheckpointMismatchError(
-        f"The workdir's checkpoints at {directory} hold model {found['model']!r} with other "
-        f"parameter shapes than the config builds (first difference: {diff[0]}); the model "
-        f"options changed, so use a new --workdir.")
+        f"{subject} hold model {found['model']!r} with other parameter shapes than the "
+        f"config builds (first difference: {diff[0]}); the model options changed, so "
+        f"{fix}.")
+
+
+class DamagedCheckpointError(ValueError):
+  """No checkpoint in the workdir can be restored."""
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, record) -> Optional[Any]:
-  """The state of the latest checkpoint, in the shardings of `abstract_state`, or None."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  found = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  check_record(found, record, str(manager.directory))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))
-  return restored["state"]
+  """The state of the latest checkpoint that restores, in the shardings of
+  `abstract_state`, or None when the workdir has none.
+
+  A checkpoint that fails to restore (a truncated or missing file, an emptied folder)
+  is passed over with a warning for the one before it, and moved out of the way to
+  <workdir>/damaged_checkpoints/<step> (never deleted), so that later saves and the
+  rotation of old checkpoints do not meet it; if none restores, DamagedCheckpointError
+  names them all. A checkpoint of another model is refused (CheckpointMismatchError).
+  """
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      found = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - any failure to read means damaged
+      damaged.append((step, e))
+      continue
+    check_record(found, record, str(manager.directory))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as e:  # noqa: BLE001
+      damaged.append((step, e))
+      continue
+    if damaged:
+      _set_aside(manager, [s for s, _ in damaged])
+      for bad, error in damaged:
+        logging.getLogger("absl").warning(
+            "The checkpoint of step %d in %s is damaged and cannot be restored (%s); it was "
+            "moved to %s and the run resumes from step %d.", bad, manager.directory,
+            _first_line(error), _aside_directory(manager, bad), step)
+    return restored
+  if damaged:
+    raise DamagedCheckpointError(
+        f"None of the checkpoints in {manager.directory} can be restored: "
+        + "; ".join(f"step {s} ({_first_line(e)})" for s, e in damaged)
+        + ". Move them away (or use a new --workdir) to start from scratch.")
+  return None
+
+
+def _aside_directory(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(os.path.dirname(str(manager.directory)), "damaged_checkpoints", str(step))
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps) -> None:
+  """Moves the step folders `steps` to <workdir>/damaged_checkpoints (process 0, then every
+  process waits for it) and rereads the manager's list of steps."""
+  if jax.process_index() == 0:
+    for step in steps:
+      target = _aside_directory(manager, step)
+      if os.path.exists(target):
+        target += f".{int(time.time())}"
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(os.path.join(str(manager.directory), str(step)), target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("segjax_damaged_checkpoints_moved")
+  manager.reload()
 
 
 def _step_directory(path: str) -> Tuple[str, Optional[int]]:

@@ -85,6 +85,13 @@ def accumulate_gradients(objective: Callable, params, batch_stats, batch, rng: j
   return loss_sum / total, sums, batch_stats, jax.tree.map(lambda g: g / total, grads_sum)
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every floating-point value in `tree` is finite (a scalar bool array)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def apply_gradients(state: TrainState, grads, batch_stats,
                     tx: optax.GradientTransformation) -> TrainState:
   """The state after one optimizer update with `grads` and the new BatchNorm statistics."""
@@ -97,8 +104,8 @@ def apply_gradients(state: TrainState, grads, batch_stats,
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                objective: Objective, tx: optax.GradientTransformation,
                schedule: optax.Schedule, accumulation_steps: int = 1, bn_groups: int = 1,
-               remat_policy: str = "", conv_lowering_mode: str = "auto"
-               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+               remat_policy: str = "", conv_lowering_mode: str = "auto",
+               skip_nonfinite: bool = False) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer step of the task's `objective` on a global batch; returns the new
   state and scalars (loss, learning rate, gradient norm and the objective's own).
 
@@ -107,16 +114,27 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   BatchNorm per-device statistics (`segjax.layers.norm`); `remat_policy` rematerializes
   the backbone blocks (`segjax.layers.remat`); `conv_lowering_mode` says how
   convolutions are lowered (`segjax.layers.conv_lowering`: "auto" rewrites the ones
-  XLA's CPU backend runs slowly, on the CPU only).
+  XLA's CPU backend runs slowly, on the CPU only); `skip_nonfinite` keeps the parameters,
+  BatchNorm statistics and optimizer state of a step whose loss or gradient norm is not
+  finite, or whose update is not (only the step count advances, so the data position
+  stays right), and reports it as the scalar "skipped" (1.0).
   """
   with _training_context(bn_groups, remat_policy, conv_lowering_mode):
     loss, sums, batch_stats, grads = accumulate_gradients(
         objective.fn, state.params, state.batch_stats, batch,
         jax.random.fold_in(rng, state.step), accumulation_steps, objective.weight_key)
   new_state = apply_gradients(state, grads, batch_stats, tx)
-  metrics = {"loss": loss, "learning_rate": schedule(state.step),
-             "grad_norm": optax.global_norm(grads),
-             **objective.summarize(sums, accumulation_steps)}
+  grad_norm = optax.global_norm(grads)
+  if skip_nonfinite:  # the updated state too: a finite loss may still blow parameters up
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(
+        (new_state.params, new_state.batch_stats, new_state.opt_state))
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
+                             state.replace(step=state.step + 1))
+    extra = {"skipped": 1.0 - ok.astype(jnp.float32)}
+  else:
+    extra = {}
+  metrics = {"loss": loss, "learning_rate": schedule(state.step), "grad_norm": grad_norm,
+             **objective.summarize(sums, accumulation_steps), **extra}
   return new_state, metrics
 
 
@@ -126,6 +144,9 @@ def step_options(config: ml_collections.ConfigDict, mesh) -> Dict[str, Any]:
   if config.model.batch_norm not in ("sync", "per_device"):
     raise ValueError(f"Unknown model.batch_norm {config.model.batch_norm!r}; use sync or "
                      "per_device.")
+  if config.optimizer.nonfinite not in ("stop", "skip"):
+    raise ValueError(f"Unknown optimizer.nonfinite {config.optimizer.nonfinite!r}; use stop "
+                     "(end the run at a non-finite loss) or skip (skip that step's update).")
   remat.check_policy(config.model.remat)
   conv_lowering.check_mode(config.model.conv_lowering)
   micro = config.optimizer.accumulation_steps
@@ -136,4 +157,5 @@ def step_options(config: ml_collections.ConfigDict, mesh) -> Dict[str, Any]:
                      "batch axes, so every micro-batch spreads evenly over the devices.")
   return {"accumulation_steps": micro, "remat_policy": config.model.remat,
           "bn_groups": devices if config.model.batch_norm == "per_device" else 1,
-          "conv_lowering_mode": config.model.conv_lowering}
+          "conv_lowering_mode": config.model.conv_lowering,
+          "skip_nonfinite": config.optimizer.nonfinite == "skip"}

@@ -9,14 +9,22 @@ Everything that differs between semantic, instance and panoptic models comes
 from the config's task (segjax/tasks). With several processes
 (segjax/training/distributed.py) every process runs this same function on its
 share of the data; process 0 alone writes logs.
+
+Nothing is lost and nothing silently wrong: on SIGTERM (pre-emption) or Ctrl-C the run
+finishes its step, saves a checkpoint, says where and returns (segjax/training/interrupts.py);
+a damaged latest checkpoint is passed over for the one before it (checkpointing.py); a
+non-finite loss or gradient norm stops the run before anything of it is saved
+(`optimizer.nonfinite="skip"` skips such steps instead).
 """
 import functools
 import json
+import os
 import time
 from typing import Any, Dict
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
@@ -25,9 +33,27 @@ from segjax.convert import resolve_init_from
 from segjax.data import pipeline
 from segjax.data.sources import get_dataset
 from segjax.tasks import get_task, variables_of
-from segjax.training import checkpointing, optimizers, sharding, steps
+from segjax.training import checkpointing, interrupts, optimizers, sharding, steps
 from segjax.training.run_logging import MetricWriter, Profiler
 from segjax.training.train_state import create_train_state
+
+
+class NonFiniteError(ValueError):
+  """A train step gave a non-finite loss or gradient norm (optimizer.nonfinite=stop)."""
+
+
+def check_writable(workdir: str) -> None:
+  """Stops at start-up, with one sentence, when `workdir` cannot be created or written
+  (rather than after the set-up, at the first checkpoint or log)."""
+  probe = os.path.join(workdir, f".segjax_write_test_{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"The workdir {workdir} is not writable ({e.strerror or e}); give a "
+                     "--workdir you can write to.") from e
 
 
 def inference_record(config: ml_collections.ConfigDict, task, dataset, input_shape):
@@ -39,6 +65,7 @@ def inference_record(config: ml_collections.ConfigDict, task, dataset, input_sha
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns eval metrics."""
+  check_writable(workdir)
   task = get_task(config)
   task.validate(config)
   mesh = sharding.create_mesh(config.mesh.axes)
@@ -86,7 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       in_shardings=(state_shardings, batch_sharding, NamedSharding(mesh, P())),
       out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start_step)
+  state_finite = jax.jit(steps.all_finite)
   profiler = Profiler(workdir, start_step + 3, config.profile_steps)
   progress = tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0, desc=config.model.name)
@@ -102,32 +130,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     return metrics
 
   eval_metrics: Dict[str, Any] = {}
+  nonfinite = config.optimizer.nonfinite
+  skipped = []
+
+  def finite(step: int, metrics) -> None:
+    """Stops the run (or counts a skipped step) when step `step` had a non-finite loss or
+    gradient norm; called before that step's state is evaluated or saved."""
+    if nonfinite == "skip":  # the step itself kept the state when anything was not finite
+      if float(jax.device_get(metrics["skipped"])):
+        skipped.append(step)
+        logging.warning("Step %d: non-finite loss, gradient norm or update; the update was "
+                        "skipped (%d skipped so far).", step, len(skipped))
+      return
+    loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+      return
+    last = manager.latest_step()
+    raise NonFiniteError(
+        f"Step {step} has a non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+        "training stopped without saving it. "
+        + (f"The last good checkpoint is step {last} in {manager.directory}. " if last
+           else "No checkpoint was saved. ")
+        + "Lower optimizer.learning_rate (or set optimizer.grad_clip_norm), or set "
+        "optimizer.nonfinite=skip to skip such steps.")
+
   try:
     if start_step >= config.total_steps:
       logging.warning("The workdir is already trained to step %d; evaluating it.", start_step)
       eval_metrics = run_eval(start_step)
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(start_step + 1, config.total_steps + 1):
-      batch = pipeline.to_global(next(train_iter), batch_sharding)
-      profiler.before(step)
-      state, metrics = train_fn(state, batch, dropout_rng)
-      profiler.after(step, state)
-      window_steps += 1
-      progress.update(1)
-      if step % config.log_every == 0 or step == config.total_steps:
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - window_start
-        metrics["images_per_second"] = window_steps * config.data.batch_size / elapsed
-        writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                             lr=f"{metrics['learning_rate']:.2e}",
-                             img_s=f"{metrics['images_per_second']:.1f}")
-        window_start, window_steps = time.perf_counter(), 0
-      if step % config.eval_every == 0 or step == config.total_steps:
-        eval_metrics = run_eval(step)
-        window_start = time.perf_counter()
-      if step % config.checkpoint_every == 0 or step == config.total_steps:
-        checkpointing.save(manager, step, state, record)
+    pending = None  # (step, metrics) whose finiteness is checked one step late
+    with interrupts.StopRequest() as stop:
+      for step in range(start_step + 1, config.total_steps + 1):
+        batch = pipeline.to_global(next(train_iter), batch_sharding)
+        profiler.before(step)
+        state, metrics = train_fn(state, batch, dropout_rng)
+        profiler.after(step, state)
+        if pending is not None:  # the previous step's result, ready by now
+          finite(*pending)
+        pending = (step, metrics)
+        window_steps += 1
+        progress.update(1)
+        stopping = stop.requested()
+        log = step % config.log_every == 0 or step == config.total_steps
+        evaluate = step % config.eval_every == 0 or step == config.total_steps
+        save = stopping or step % config.checkpoint_every == 0 or step == config.total_steps
+        if log or evaluate or save:  # never log, evaluate or save a non-finite state
+          finite(*pending)
+          pending = None
+        if log:
+          metrics = jax.device_get(metrics)
+          elapsed = time.perf_counter() - window_start
+          metrics["images_per_second"] = window_steps * config.data.batch_size / elapsed
+          writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+          progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                               lr=f"{metrics['learning_rate']:.2e}",
+                               img_s=f"{metrics['images_per_second']:.1f}")
+          window_start, window_steps = time.perf_counter(), 0
+        if evaluate and not stopping:
+          eval_metrics = run_eval(step)
+          window_start = time.perf_counter()
+        if save:
+          if not bool(state_finite(state)):  # never save a state that is not finite
+            last = manager.latest_step()
+            raise NonFiniteError(
+                f"The state after step {step} holds non-finite values although its loss is "
+                "finite; training stopped without saving it. "
+                + (f"The last good checkpoint is step {last} in {manager.directory}. "
+                   if last else "No checkpoint was saved. ")
+                + "Lower optimizer.learning_rate or optimizer.weight_decay.")
+          checkpointing.save(manager, step, state, record)
+        if stopping:
+          manager.wait_until_finished()
+          if jax.process_index() == 0:
+            progress.write(
+                f"Stopped by {stop.signal_name} after step {step}: checkpoint saved in "
+                f"{os.path.join(str(manager.directory), str(step))}; run the same command "
+                "to resume.")
+          break
   finally:
     # Saves are asynchronous: a crash must not lose a checkpoint being written.
     progress.close()

@@ -165,11 +165,18 @@ def test_lookup_forgets_the_previous_image_and_rejects_negative_ids():
 
 
 def test_perfect_prediction_scores_one(dataset):
-  _, gt_json, _ = dataset
-  result = panoptic.pq_compute(gt_json, gt_json, num_workers=1)
+  root, gt_json, _ = dataset
+  result = panoptic.pq_compute(gt_json, gt_json, num_workers=1, crowd_region="union")
   for group in ("All", "Things", "Stuff"):
     assert result[group]["pq"] == result[group]["sq"] == result[group]["rq"] == 1.0
   assert result["All"]["n"] == len(CATEGORIES)
+  # panopticapi's rule: where a class has two crowd segments, the copy of the first one
+  # lies on no crowd region of its class (only the last one is) and counts as a FP.
+  last = panoptic.pq_compute(gt_json, gt_json, num_workers=1)
+  gt_folder = os.path.join(root, "gt")
+  assert_results_close(last, pq_reference.reference_pq_compute(gt_json, gt_json, gt_folder,
+                                                               gt_folder))
+  assert last["Things"]["rq"] < 1.0 and last["Things"]["sq"] == 1.0
 
 
 def test_hand_computed_rules(tmp_path):
@@ -198,7 +205,8 @@ def test_hand_computed_rules(tmp_path):
                    {"id": 103, "category_id": THING_A}, {"id": 104, "category_id": STUFF},
                    {"id": 105, "category_id": THING_B}]
   result = panoptic.pq_compute(*write_single(str(tmp_path), gt, gt_segments, pred,
-                                             pred_segments), num_workers=1)
+                                             pred_segments), num_workers=1,
+                               crowd_region="union")
   # A: TP 12<->102 (IoU 1), FN 11, FP 101; 103 ignored. B: FP 105. Stuff: TP IoU 0.75.
   expected = {THING_A: (1.0 / 2, 1.0, 1 / 2), THING_B: (0.0, 0.0, 0.0), STUFF: (0.75, 0.75, 1.0)}
   for category_id, (pq, sq, rq) in expected.items():
@@ -206,6 +214,11 @@ def test_hand_computed_rules(tmp_path):
                                [pq, sq, rq], rtol=1e-12)
   assert result["Things"]["n"] == 2 and result["Stuff"]["n"] == 1
   np.testing.assert_allclose(result["All"]["pq"], (0.5 + 0 + 0.75) / 3, rtol=1e-12)
+  # panopticapi's rule (the default): A's crowd region is 22 alone, the last listed; 2/5 of
+  # 103 on it is not > 0.5, so 103 is a FP too: A's RQ = 1 / (1 + 0.5 * (1 + 2)).
+  result = panoptic.pq_compute(*write_single(str(tmp_path), gt, gt_segments, pred,
+                                             pred_segments), num_workers=1)
+  np.testing.assert_allclose(result["per_class"][THING_A]["rq"], 1 / 2.5, rtol=1e-12)
   # Without a crowd region of its own class, 103 (4 of 5 px on another class's crowd) is a FP.
   pred_segments[2]["category_id"] = THING_B
   result = panoptic.pq_compute(*write_single(str(tmp_path), gt, gt_segments, pred,

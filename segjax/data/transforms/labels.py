@@ -35,10 +35,14 @@ def check_labels(num_classes: int, ignore_index: int = 255) -> Op:
     bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
     if bad.size:
       shown = ", ".join(str(v) for v in bad[:10].tolist()) + (", ..." if bad.size > 10 else "")
+      name = example.get("file_name", "")
+      name = name.decode() if isinstance(name, bytes) else str(name)
       raise ValueError(
-          f"label map contains values [{shown}] that are neither a class id in "
-          f"[0, {num_classes}) nor the ignore index {ignore_index}; remap the "
-          "labels, set data.reduce_zero_label, or fix data.num_classes.")
+          f"the label map{f' of {name}' if name else ''} contains values [{shown}] that are "
+          f"neither a class id in [0, {num_classes}) nor the ignore index {ignore_index}; if "
+          "its labels count from 1 with 0 for 'other' (as ADE20K's do), start data.train_ops, "
+          "data.eval_ops and inference.label_ops with the reduce_zero_label op (as "
+          "configs/pspnet_ade20k.py does), else remap the labels to the dataset's classes.")
     return example
   return fn
 
