@@ -649,8 +649,7 @@ def _damaged_copies(good, folder):
 
 
 def test_corrupt_ade20k_zip_is_one_sentence_and_leaves_nothing(tmp_path, capsys):
-  sys.path.insert(0, os.path.join(REPO, "tests"))
-  import test_ade20k
+  from tests.data import test_ade20k
   from segjax.data import prepare
   good = tmp_path / "good" / "ADEChallengeData2016.zip"
   good.parent.mkdir()
@@ -670,8 +669,7 @@ def test_corrupt_ade20k_zip_is_one_sentence_and_leaves_nothing(tmp_path, capsys)
 
 
 def test_corrupt_voc_tar_is_one_sentence(tmp_path):
-  sys.path.insert(0, os.path.join(REPO, "tests"))
-  import test_voc_dataset
+  from tests.data import test_voc_dataset
   from segjax.data.archives import CorruptArchiveError
   from segjax.data.sources import get_dataset
   good = tmp_path / "good" / "VOCtrainval_11-May-2012.tar"
