@@ -236,8 +236,3 @@ def finite_scalars(metrics: Dict[str, Any]) -> Dict[str, float]:
   return {k: float(v) for k, v in metrics.items()
           if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool)
           and np.isfinite(v)}
-
-
-def host_value(tree) -> Any:
-  """Pulls arrays (sharded across processes too) to this host as numpy."""
-  return jax.tree.map(np.asarray, jax.device_get(tree))
