@@ -107,12 +107,12 @@ def finite_losses(side, losses):
   return losses
 
 
-def bench_segjax(args, data):
-  """segjax's jitted train step, measured in this process: a dict of compile_s, times (s),
-  losses (last step), XLA's buffer bytes of the compiled step, peak_rss_gb and versions."""
+def segjax_setup(args, data, **options):
+  """segjax's side as this benchmark builds it: (the jitted train step, state donated; the first
+  train state; the host batch of `data`, normalized and padded to --max-instances rows; the
+  step's key). `options`: more MaskRCNN arguments (e.g. rpn_post_nms_top_n_train)."""
   import functools
 
-  report.use_train_defaults()
   import jax
   import jax.numpy as jnp
   import optax
@@ -129,10 +129,10 @@ def bench_segjax(args, data):
   arrays = {"image": (images - IMAGENET_MEAN) / IMAGENET_STD, "boxes": pad(boxes),
             "classes": pad(classes), "masks": pad(masks),
             "instance_valid": np.broadcast_to(np.arange(rows) < count, (batch, rows))}
-  arrays = jax.device_put(arrays)
 
   model = MaskRCNN(num_classes=args.classes, backbone=args.backbone, frozen_bn=True,
-                   trainable_layers=3, mask_slots=args.mask_slots, dtype=jnp.dtype(args.dtype))
+                   trainable_layers=3, mask_slots=args.mask_slots, dtype=jnp.dtype(args.dtype),
+                   **options)
   # Parameter shapes do not depend on the image size: initialize on a small image.
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
   frozen = model.frozen_params_mask(variables["params"])
@@ -147,7 +147,23 @@ def bench_segjax(args, data):
                                       objective=instance.objective(model=model, loss_weights={}),
                                       tx=tx, schedule=optax.constant_schedule(args.lr)),
                     donate_argnums=(0,))
-  key = jax.random.key(1)
+  return step_fn, state, arrays, jax.random.key(1)
+
+
+def segjax_losses(metrics):
+  """{loss name: value} of segjax's step metrics, checked finite."""
+  return finite_losses("segjax", {k[len("loss_"):]: float(v) for k, v in metrics.items()
+                                  if k.startswith("loss_")})
+
+
+def bench_segjax(args, data):
+  """segjax's jitted train step, measured in this process: a dict of compile_s, times (s),
+  losses (last step), XLA's buffer bytes of the compiled step, peak_rss_gb and versions."""
+  report.use_train_defaults()
+  import jax
+
+  step_fn, state, arrays, key = segjax_setup(args, data)
+  arrays = jax.device_put(arrays)
   start = time.perf_counter()
   compiled = step_fn.lower(state, arrays, key).compile()
   compile_s = time.perf_counter() - start
@@ -158,9 +174,7 @@ def bench_segjax(args, data):
     holder["state"], metrics = compiled(holder["state"], arrays, key)
     holder["metrics"] = jax.block_until_ready(metrics)
   times = report.time_steps(step, args.repeats, args.warmup)
-  losses = finite_losses("segjax", {k[len("loss_"):]: float(v)
-                                    for k, v in holder["metrics"].items()
-                                    if k.startswith("loss_")})
+  losses = segjax_losses(holder["metrics"])
   return {"compile_s": compile_s, "times": times, "losses": losses,
           "xla_bytes": {"temp": memory.temp_size_in_bytes,
                         "arguments": memory.argument_size_in_bytes,
@@ -171,6 +185,59 @@ def bench_segjax(args, data):
                        f"{args.dtype}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")}
 
 
+def torchvision_step(args, data, torchvision, *, device="cpu", wrap=None, autocast=None,
+                     **options):
+  """torchvision's Mask R-CNN train step on `data` as this benchmark builds it, on `device`:
+  (step(), which runs one step and returns its {loss name: tensor}; the model). `torchvision`:
+  the module, with working detection operators (see bench_torch); `wrap(model)` (e.g.
+  torch.compile) is what the step calls; `autocast`: a context for the forward pass;
+  `options`: more MaskRCNN arguments."""
+  import contextlib
+
+  import torch
+  from torchvision.models.detection import MaskRCNN
+  from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+  images, boxes, classes, masks = data
+  backbone = resnet_fpn_backbone(backbone_name=args.backbone, weights=None, trainable_layers=3)
+  model = MaskRCNN(backbone, num_classes=args.classes + 1, min_size=args.size,
+                   max_size=args.size, **options).train().to(device)
+  inputs = [torch.from_numpy(image).permute(2, 0, 1).contiguous().to(device) for image in images]
+  targets = [{"boxes": torch.from_numpy(b).to(device),
+              "labels": torch.from_numpy(c).long().to(device) + 1,
+              "masks": torch.from_numpy(m).to(device)} for b, c, m in zip(boxes, classes, masks)]
+  resized, resized_targets = model.transform(inputs, [dict(t) for t in targets])
+  kept = (tuple(resized.tensors.shape[-2:]) == (args.size, args.size)
+          and all(tuple(s) == (args.size, args.size) for s in resized.image_sizes)
+          and all(torch.equal(r["boxes"], t["boxes"])
+                  for r, t in zip(resized_targets, targets)))
+  if not kept:
+    raise RuntimeError(f"torchvision's transform changed the {args.size}x{args.size} inputs "
+                       f"(to {tuple(resized.tensors.shape[-2:])}); the comparison needs both "
+                       "sides at --size.")
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
+  forward = wrap(model) if wrap else model
+  autocast = autocast or contextlib.nullcontext
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+      losses = forward(inputs, targets)
+    sum(losses.values()).backward()
+    if args.clip_norm:
+      torch.nn.utils.clip_grad_norm_(trainable, args.clip_norm)
+    optimizer.step()
+    return losses
+  return step, model
+
+
+def torch_losses(losses):
+  """{loss name: value} of torchvision's losses, checked finite."""
+  return finite_losses("torchvision", {k[len("loss_"):]: float(v.detach())
+                                       for k, v in losses.items()})
+
+
 def bench_torch(args, data):
   """torchvision's Mask R-CNN train step, measured in this process: a dict of times (s), losses
   (last step), peak_rss_gb and versions."""
@@ -179,41 +246,15 @@ def bench_torch(args, data):
   sys.path.insert(0, REPO)
   from tests.torch_reference import plain_torch_detection_ops
 
-  images, boxes, classes, masks = data
   torch.manual_seed(0)
   with plain_torch_detection_ops() as torchvision:
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    backbone = resnet_fpn_backbone(backbone_name=args.backbone, weights=None, trainable_layers=3)
-    model = MaskRCNN(backbone, num_classes=args.classes + 1, min_size=args.size,
-                     max_size=args.size).train()
-    inputs = [torch.from_numpy(image).permute(2, 0, 1).contiguous() for image in images]
-    targets = [{"boxes": torch.from_numpy(b), "labels": torch.from_numpy(c).long() + 1,
-                "masks": torch.from_numpy(m)} for b, c, m in zip(boxes, classes, masks)]
-    resized, resized_targets = model.transform(inputs, [dict(t) for t in targets])
-    kept = (tuple(resized.tensors.shape[-2:]) == (args.size, args.size)
-            and all(tuple(s) == (args.size, args.size) for s in resized.image_sizes)
-            and all(torch.equal(r["boxes"], t["boxes"])
-                    for r, t in zip(resized_targets, targets)))
-    if not kept:
-      raise RuntimeError(f"torchvision's transform changed the {args.size}x{args.size} inputs "
-                         f"(to {tuple(resized.tensors.shape[-2:])}); the comparison needs both "
-                         "sides at --size.")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
+    train_step, _ = torchvision_step(args, data, torchvision)
     holder = {}
     def step():
-      optimizer.zero_grad(set_to_none=True)
-      losses = model(inputs, targets)
-      sum(losses.values()).backward()
-      if args.clip_norm:
-        torch.nn.utils.clip_grad_norm_(trainable, args.clip_norm)
-      optimizer.step()
-      holder["losses"] = losses
+      holder["losses"] = train_step()
     times = report.time_steps(step, args.repeats, args.warmup)
     version = torchvision.__version__
-  losses = finite_losses("torchvision", {k[len("loss_"):]: float(v.detach())
-                                         for k, v in holder["losses"].items()})
+  losses = torch_losses(holder["losses"])
   return {"times": times, "losses": losses, "peak_rss_gb": report.peak_rss_gb(),
           "versions": (f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
                        f"torchvision {version} float32")}

@@ -66,16 +66,25 @@ OPTIONS = (
 )
 
 
-def batch(size, count, seed=0):
+def batch(size, count, seed=0, image_dtype="float32"):
+  """A fixed random batch: images [count, size, size, 3] (standard-normal floats, already
+  "normalized", or uint8 pixels with image_dtype "uint8") and labels [count, size, size]."""
   import numpy as np
   rng = np.random.default_rng(seed)
-  images = rng.normal(size=(count, size, size, 3)).astype(np.float32)
+  if image_dtype == "uint8":
+    images = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+  else:
+    images = rng.normal(size=(count, size, size, 3)).astype(image_dtype)
   labels = rng.integers(0, NUM_CLASSES, (count, size, size)).astype(np.int32)
   return images, labels
 
 
-def child_segjax(args):
-  """One segjax train step, measured in this process."""
+def segjax_step(name, size, batch_size, *, options=None, dtype="float32", conv_lowering="auto",
+                image_dtype="float32"):
+  """segjax's train step of model `name` as this benchmark runs it: the jitted step (train state
+  donated; call it as step(state, arrays, key)), the first train state, the device batch
+  (`batch` of these shapes) and the model's initial variables. `options`: the model's options
+  (default MODEL_OPTIONS[name])."""
   import functools
 
   import jax
@@ -88,20 +97,44 @@ def child_segjax(args):
   from segjax.training import steps
   from segjax.training.train_state import TrainState
 
-  if args.cache_dir:
-    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  images, labels = batch(args.size, args.batch)
-  model = build_model(args.model, NUM_CLASSES, MODEL_OPTIONS[args.model], dtype=args.dtype)
+  images, labels = batch(size, batch_size, image_dtype=image_dtype)
+  options = MODEL_OPTIONS[name] if options is None else options
+  model = build_model(name, NUM_CLASSES, options, dtype=dtype)
   keys = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
   variables = jax.jit(functools.partial(model.init, train=True))(keys, jnp.asarray(images[:1]))
   tx = optax.sgd(0.01, momentum=0.9)
   state = TrainState.create(variables["params"], variables.get("batch_stats", {}), tx)
   step_fn = jax.jit(functools.partial(
       steps.train_step, objective=semantic.objective(model=model, ignore_index=255), tx=tx,
-      schedule=optax.constant_schedule(0.01), conv_lowering_mode=args.conv_lowering),
+      schedule=optax.constant_schedule(0.01), conv_lowering_mode=conv_lowering),
       donate_argnums=(0,))
   arrays = jax.device_put({"image": images, "label": labels})
+  return step_fn, state, arrays, variables
+
+
+def torch_model(name, options=None):
+  """The PyTorch reference of model `name` (training mode, PyTorch's initial values) and its
+  loss(outputs, labels), segjax's train-step loss. `options`: default MODEL_OPTIONS[name]."""
+  sys.path.insert(0, BENCHMARKS)
+  import torch_models
+  options = MODEL_OPTIONS[name] if options is None else options
+  if name == "unet":
+    from unet_train_step import TorchUNet
+    return TorchUNet(NUM_CLASSES, **options).train(), (
+        lambda out, y: torch_models.loss({"out": out}, y))
+  return torch_models.build(name, NUM_CLASSES, **options).train(), torch_models.loss
+
+
+def child_segjax(args):
+  """One segjax train step, measured in this process."""
+  import jax
+
+  if args.cache_dir:
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  step_fn, state, arrays, variables = segjax_step(args.model, args.size, args.batch,
+                                                  dtype=args.dtype,
+                                                  conv_lowering=args.conv_lowering)
   start = time.perf_counter()
   compiled = step_fn.lower(state, arrays, jax.random.key(2)).compile()
   compile_s = time.perf_counter() - start
@@ -126,18 +159,9 @@ def child_torch(args):
   """The PyTorch reference's train step, measured in this process."""
   import torch
 
-  sys.path.insert(0, BENCHMARKS)
-  import torch_models
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  if args.model == "unet":
-    from unet_train_step import TorchUNet
-    model = TorchUNet(NUM_CLASSES, **MODEL_OPTIONS["unet"])
-    loss_fn = lambda out, y: torch_models.loss({"out": out}, y)
-  else:
-    model = torch_models.build(args.model, NUM_CLASSES, **MODEL_OPTIONS[args.model])
-    loss_fn = torch_models.loss
-  model.train()
+  model, loss_fn = torch_model(args.model)
   images, labels = batch(args.size, args.batch)
   x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
   y = torch.from_numpy(labels).long()
