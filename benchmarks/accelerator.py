@@ -24,13 +24,18 @@ SGD). bfloat16 is segjax's `dtype` (float32 parameters) and PyTorch's `torch.aut
 PyTorch runs with TF32 allowed for matmuls and convolutions, as JAX's default precision does
 on GPUs. `--image-dtype uint8` feeds the steps uint8 pixels instead of normalized float32.
 
-Time: each run has its own limit (`--run-seconds`, compile included; a run past it is killed
-and reported), its timed steps stop after `--steps` steps or `--step-seconds`, and the whole
-command stops starting runs once `--budget` seconds have passed: runs go in priority order
-(bfloat16 first; segjax, eager, torch.compile for each case; torch.compile of Mask R-CNN
-last) and the ones left out are listed with the reason. PyTorch rows are skipped, with the
-reason printed, where torch is not installed, has no CUDA on a GPU machine, the device is a
-TPU, or torch.compile fails.
+Time: first the segjax and torch.compile steps are compiled in advance, `--prewarm-jobs` child
+processes at a time (6; off in tiny mode), into JAX's persistent compilation cache and
+Inductor's and Triton's caches, which the timed runs (one at a time) then load from: the
+compile column is the time measured there, slower than alone. Each run has its own limit
+(`--run-seconds`, compile included; a run past it is killed and reported), its timed steps stop
+after `--steps` steps or `--step-seconds`, and the whole command starts no run once `--budget`
+seconds (450) have passed and cuts the last one at it: runs go in priority order (bfloat16
+first; segjax, eager, torch.compile for each case; torch.compile of Mask R-CNN last) and the
+ones left out are listed with the reason. The tables are rewritten after every run, and SIGTERM
+(`timeout`) or Ctrl-C ends the running child and writes what was measured. PyTorch rows are
+skipped, with the reason printed, where torch is not installed, has no CUDA on a GPU machine,
+the device is a TPU, or torch.compile fails.
 """
 import argparse
 import contextlib
@@ -50,6 +55,7 @@ import report  # noqa: E402
 
 SIDES = ("segjax", "torch", "torch.compile")
 MIN_RUN_SECONDS = 40  # no run is started with less of the budget left (tiny runs: any)
+PREWARM_SHARE = 0.5  # the parallel compilation ends by this share of --budget
 DTYPES = ("bfloat16", "float32")
 # Dense (no sparsity) peak TFLOP/s per JAX device: (device_kind pattern, name, bfloat16, TF32,
 # float32). Patterns are matched in this order against the lower-cased device_kind. None: no
@@ -116,7 +122,7 @@ TINY = {
     "maskrcnn_b4": ("maskrcnn", 4, 64, dict(rpn_pre_nms_top_n_train=64,
                                             rpn_post_nms_top_n_train=32,
                                             box_batch_size_per_image=32)),
-    "unet": ("unet", 2, 64, dict(width=8, depth=2)),
+    "unet": ("unet", 2, 64, dict(width=8, depth=1)),
 }
 
 
@@ -209,8 +215,13 @@ def child_segjax(spec, dtype, args, timer):
   lowered = step_fn.lower(state, arrays, key)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
+  if args.prewarm_only:
+    return {"compile_s": compile_s}
   flops, flops_source = _flops(compiled, lowered)
-  memory = compiled.memory_analysis()
+  try:
+    memory = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001  (not every backend or cached program has one)
+    memory = None
   xla_bytes = None if memory is None else (
       memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
       - memory.alias_size_in_bytes)
@@ -325,6 +336,8 @@ def child_torch(spec, dtype, args, timer, compiled_mode):
       start = time.perf_counter()
       step()
       compile_s = time.perf_counter() - start
+      if args.prewarm_only:
+        return {"compile_s": compile_s}
     if device == "cuda":
       torch.cuda.reset_peak_memory_stats()
     times = timer(step)
@@ -369,23 +382,30 @@ def _child_argv(args, extra):
   return argv + (["--tiny"] if args.tiny else []) + list(extra)
 
 
-def run_process(argv, timeout):
+def _kill(process):
+  """Ends `process` and every process it started (its own process group)."""
+  try:
+    os.killpg(process.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  process.wait()
+
+
+def run_process(argv, timeout, env=None):
   """Runs `argv` in its own process group; (exit code or None when killed at `timeout`,
   the last lines of its output)."""
   with tempfile.TemporaryFile("w+") as log:
     process = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, env=env)
     try:
       code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
       code = None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: end the child and all it started, too
-      os.killpg(process.pid, signal.SIGKILL)
-      process.wait()
+      _kill(process)
       raise
     if code is None:
-      os.killpg(process.pid, signal.SIGKILL)
-      process.wait()
+      _kill(process)
     log.seek(0)
     tail = log.read()[-2000:]
   return code, tail
@@ -404,21 +424,78 @@ def probe(args):
   raise SystemExit(f"JAX could not start (exit {status}): {output[-600:]}")
 
 
-def measure(args, side, case, dtype, timeout):
+def _outcome(code, output, out, timeout):
+  """A child's result dict from its exit code, output and result file."""
+  if code is None:
+    return {"error": f"stopped at its time limit of {timeout:.0f} s"}
+  if not os.path.exists(out):
+    why = f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit {code}"
+    last = (output.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"{why}: {last[:300]}"}
+  with open(out) as f:
+    return json.load(f)
+
+
+def cache_env(folder):
+  """The environment of the children: JAX's persistent compilation cache and PyTorch
+  Inductor's and Triton's caches in `folder`, every program cached."""
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(folder, "jax"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+              TORCHINDUCTOR_CACHE_DIR=os.path.join(folder, "inductor"),
+              TRITON_CACHE_DIR=os.path.join(folder, "triton"))
+
+
+def measure(args, side, case, dtype, timeout, env=None):
   """One run in a fresh process: its result dict, or {"error": why}."""
   spec = case_spec(case, args.tiny)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
     argv = _child_argv(args, ["--child", json.dumps([spec, dtype, side]), "--result", out])
-    code, output = run_process(argv, timeout)
-    if code is None:
-      return {"error": f"stopped at its time limit of {timeout:.0f} s"}
-    if not os.path.exists(out):
-      why = f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit {code}"
-      last = (output.strip().splitlines() or ["no output"])[-1]
-      return {"error": f"{why}: {last[:300]}"}
-    with open(out) as f:
-      return json.load(f)
+    code, output = run_process(argv, timeout, env)
+    return _outcome(code, output, out, timeout)
+
+
+def prewarm(args, runs, env, deadline):
+  """Compiles the segjax and torch.compile programs of `runs` in child processes,
+  --prewarm-jobs at a time, into the caches of `env` (which the timed runs then load from),
+  until `deadline` (perf_counter seconds). Returns {run: {"compile_s"} or {"error"}}."""
+  todo = [run for run in runs if run[0] != "torch"]
+  env = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # processes share the device
+  results, running = {}, {}
+  with tempfile.TemporaryDirectory() as tmp:
+    try:
+      while todo or running:
+        while todo and len(running) < args.prewarm_jobs and time.perf_counter() < deadline:
+          side, case, dtype = run = todo.pop(0)
+          out = os.path.join(tmp, f"{side}-{case}-{dtype}.json")
+          log = tempfile.TemporaryFile("w+")
+          argv = _child_argv(args, ["--child", json.dumps([case_spec(case, args.tiny), dtype,
+                                                           side]), "--result", out,
+                                    "--prewarm-only"])
+          process = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env)
+          running[run] = (process, out, log, time.perf_counter())
+        if not running:
+          break
+        time.sleep(0.2)
+        for run, (process, out, log, started) in list(running.items()):
+          limit = min(started + args.run_seconds, deadline)
+          code = process.poll()
+          if code is None and time.perf_counter() < limit:
+            continue
+          if code is None:
+            _kill(process)
+          log.seek(0)
+          results[run] = _outcome(code, log.read()[-2000:], out, limit - started)
+          log.close()
+          del running[run]
+    except KeyboardInterrupt:
+      for process, _, log, _ in running.values():
+        _kill(process)
+        log.close()
+      raise
+  return results
 
 
 def plan(cases, dtypes, sides):
@@ -464,7 +541,7 @@ class Report:
   def __init__(self, args, peaks, device_kind, peak_line, start):
     self.args, self.peaks, self.device_kind, self.peak_line = args, peaks, device_kind, peak_line
     self.start = start
-    self.results, self.skipped = {}, []
+    self.results, self.skipped, self.prewarmed = {}, [], {}
     self.detail = report.Table(DETAIL_COLUMNS)
 
   def tables(self):
@@ -474,9 +551,18 @@ class Report:
     flops_sources = sorted({r["flops_source"] for r in self.results.values()
                             if r.get("flops_source")})
     notes = [f"device: {self.device_kind} ({args.platform}); {self.peak_line}.",
-             f"XLA FLOPs from the {'/'.join(flops_sources) or 'no'} program's cost analysis; "
-             "the PyTorch rows' TFLOP/s and MFU use the same count (same network, same batch).",
-             *[f"skipped: {line}" for line in self.skipped], "; ".join(versions)]
+             (f"XLA FLOPs from the {'/'.join(flops_sources)} program's cost analysis; the "
+              "PyTorch rows' TFLOP/s and MFU use the same count (same network, same batch)."
+              if flops_sources else "No XLA FLOPs: no segjax step was measured.")]
+    notes += [f"skipped: {line}" for line in self.skipped] + ["; ".join(versions)]
+    if self.prewarmed:
+      failed = [f"{' '.join(run)}: {r['error']}" for run, r in self.prewarmed.items()
+                if "error" in r]
+      notes.insert(2, f"compile (s): measured while compiling {args.prewarm_jobs} programs at "
+                   "once (--prewarm-jobs; slower than alone); the timed runs loaded the "
+                   "compiled programs from the caches" + (
+                       f" (failed to compile in advance, so compiled in their run: "
+                       f"{'; '.join(failed)})" if failed else ""))
     setup = (f"Train step of each case on {self.device_kind} ({args.platform}), each "
              f"implementation in its own process: median of up to {args.steps} timed steps (at "
              f"most {args.step_seconds:g} s of them) after {args.warmup} warm-up; images fed as "
@@ -516,6 +602,9 @@ class Report:
     return rate, f"{100 * rate / self.peaks['bfloat16']:.1f}%"
 
   def add(self, side, case, dtype, result):
+    warm = self.prewarmed.get((side, case, dtype), {})
+    if "compile_s" in warm and "times" in result:  # its compile, not the timed run's cache load
+      result = dict(result, compile_s=warm["compile_s"], cache_load_s=result.get("compile_s"))
     self.results[side, case, dtype] = result
     ours = self.results.get(("segjax", case, dtype), {})
     flops = ours.get("flops")
@@ -567,12 +656,16 @@ def main(argv=None):
                       help="untimed steps before the timed ones (default 3; tiny 1)")
   parser.add_argument("--steps", type=int, default=None,
                       help="most timed steps per run (default 20; tiny 1)")
-  parser.add_argument("--step-seconds", type=float, default=10.0,
+  parser.add_argument("--step-seconds", type=float, default=5.0,
                       help="no more timed steps once this long has been spent timing")
   parser.add_argument("--run-seconds", type=float, default=240.0,
                       help="time limit of each run, process start and compile included")
   parser.add_argument("--budget", type=float, default=450.0,
                       help="start no run after this many seconds (default 7.5 min)")
+  parser.add_argument("--prewarm-jobs", type=int, default=None,
+                      help="compile the segjax and torch.compile steps first, this many at a "
+                           "time, into caches the timed runs load from (default 6; tiny 0: "
+                           "off)")
   parser.add_argument("--image-dtype", choices=["float32", "uint8"], default="float32",
                       help="what the steps are fed: normalized float32 images or uint8 pixels")
   report.add_json_argument(parser)
@@ -582,10 +675,13 @@ def main(argv=None):
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--result", help=argparse.SUPPRESS)
   parser.add_argument("--platform", help=argparse.SUPPRESS)
+  parser.add_argument("--prewarm-only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     run_child_here(args)
     return None
+  if args.prewarm_jobs is not None and args.prewarm_jobs < 0:
+    parser.error("--prewarm-jobs must be 0 (off) or more.")
   for name in ("warmup", "steps"):
     if getattr(args, name) is not None and getattr(args, name) < (name == "steps"):
       parser.error(f"--{name} must be at least {int(name == 'steps')}.")
@@ -597,6 +693,8 @@ def main(argv=None):
   args.tiny = args.tiny or args.platform == "cpu"
   args.warmup = (1 if args.tiny else 3) if args.warmup is None else args.warmup
   args.steps = (1 if args.tiny else 20) if args.steps is None else args.steps
+  if args.prewarm_jobs is None:
+    args.prewarm_jobs = 0 if args.tiny else 6
   peaks = peak(device_kind) if args.platform != "cpu" else None
   peak_line = ("unknown peak: MFU not computed" if peaks is None else
                f"{peaks['name']}: dense peaks bfloat16 {peaks['bfloat16']} TFLOP/s, TF32 "
@@ -608,8 +706,16 @@ def main(argv=None):
   results = Report(args, peaks, device_kind, peak_line, start)
   torch_unavailable = None
   signal.signal(signal.SIGTERM, _stop)
+  runs = plan(args.cases, args.dtypes, args.sides)
+  caches = tempfile.TemporaryDirectory()
+  env = cache_env(caches.name)
   try:
-    for side, case, dtype in plan(args.cases, args.dtypes, args.sides):
+    if args.prewarm_jobs:
+      print(f"compiling the segjax and torch.compile steps, {args.prewarm_jobs} at a time...",
+            flush=True)
+      results.prewarmed = prewarm(args, runs, env, start + args.budget * PREWARM_SHARE)
+      print(f"compiled in {time.perf_counter() - start:.0f} s", flush=True)
+    for side, case, dtype in runs:
       elapsed = time.perf_counter() - start
       if side != "segjax" and torch_unavailable:
         results.skipped.append(f"{side} {case} {dtype}: {torch_unavailable}")
@@ -619,7 +725,7 @@ def main(argv=None):
         results.skipped.append(f"{side} {case} {dtype}: not started, {max(left, 0):.0f} s of "
                                f"the --budget of {args.budget:.0f} s left")
         continue
-      result = measure(args, side, case, dtype, min(args.run_seconds, left))
+      result = measure(args, side, case, dtype, min(args.run_seconds, left), env)
       error = result.get("error", "")
       if side != "segjax" and ("torch is not installed" in error or "sees no CUDA" in error
                                or "is not run on platform" in error):
@@ -629,6 +735,8 @@ def main(argv=None):
       results.write()  # what is measured so far survives an interruption
   except KeyboardInterrupt:
     results.skipped.append("the rest: interrupted")
+  finally:
+    caches.cleanup()
   tables = results.write()
   print("\nSummary (ratios: segjax images/s / PyTorch images/s; above 1 favours segjax)")
   print(report.markdown(tables[1]["columns"], tables[1]["rows"]))

@@ -16,13 +16,14 @@ pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """One tiny run (U-Net, float32, segjax and PyTorch eager): (tables returned, JSON path,
+  """One tiny run (U-Net, float32, segjax and PyTorch eager; segjax's step compiled first in
+  another process, the timed run loading it from the cache): (tables returned, JSON path,
   markdown path)."""
   folder = tmp_path_factory.mktemp("accelerator")
   json_path, markdown_path = folder / "accelerator.json", folder / "accelerator.md"
   tables = accelerator.main(["--tiny", "--cases", "unet", "--dtypes", "float32", "--sides",
-                             "segjax", "torch", "--steps", "2", "--json", str(json_path),
-                             "--markdown", str(markdown_path)])
+                             "segjax", "torch", "--steps", "2", "--prewarm-jobs", "1",
+                             "--json", str(json_path), "--markdown", str(markdown_path)])
   return tables, json_path, markdown_path
 
 
@@ -51,6 +52,8 @@ def test_json_holds_both_tables_of_measured_rows(run):
       float(rows[1]["s/step (median)"]) / float(rows[0]["s/step (median)"]), rel=0.02)
   assert any("unknown peak" in note for note in detail["notes"])
   assert not any(note.startswith("skipped") for note in detail["notes"])
+  (prewarm,) = [note for note in detail["notes"] if "--prewarm-jobs" in note]
+  assert "failed" not in prewarm
 
   (line,) = _rows(summary)
   assert line["segjax images/s"] == rows[0]["images/s"]
@@ -64,7 +67,7 @@ def test_flops_are_the_train_steps(run):
   alone (counted here from the model itself)."""
   rows = _rows(run[0][0])
   step_flops = float(rows[0]["XLA GFLOP/step"]) * 1e9
-  model = build_model("unet", 21, {"width": 8, "depth": 2})
+  model = build_model("unet", 21, accelerator.TINY["unet"][3])
   images = jnp.zeros((2, 64, 64, 3), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), images)
   forward = jax.jit(functools.partial(model.apply, train=False)).lower(
