@@ -22,7 +22,10 @@ cross-entropy + 0.4 aux, SGD momentum) and benchmarks/maskrcnn_train_step.py (se
 and torchvision's, frozen BatchNorm, trainable layers 3, 4 random instances per image, clipped
 SGD). bfloat16 is segjax's `dtype` (float32 parameters) and PyTorch's `torch.autocast`.
 PyTorch runs with TF32 allowed for matmuls and convolutions, as JAX's default precision does
-on GPUs. `--image-dtype uint8` feeds the steps uint8 pixels instead of normalized float32.
+on GPUs. `--image-dtype uint8` feeds the semantic steps uint8 pixels instead of normalized
+float32 ones (PyTorch normalizes them in its step; segjax's step must do so itself, or its row
+reports the model's refusal) and segjax's Mask R-CNN uint8 pixels (torchvision always gets
+float images in [0, 1] and normalizes them in its step).
 
 Time: first the segjax and torch.compile steps are compiled in advance, `--prewarm-jobs` child
 processes at a time (6; off in tiny mode), into JAX's persistent compilation cache and
@@ -300,8 +303,8 @@ def child_torch(spec, dtype, args, timer, compiled_mode):
       import maskrcnn_train_step as mrc
       margs = maskrcnn_args(spec, dtype, args.tiny)
       data = mrc.synthetic_batch(margs.batch, margs.size, margs.instances, margs.classes)
-      if args.image_dtype == "uint8":  # torchvision's transform normalizes uint8 / 255 alike
-        data = (np.round(data[0] * 255).astype(np.uint8),) + data[1:]
+      # torchvision takes float images in [0, 1] whatever --image-dtype: its transform
+      # normalizes them on the device, inside the timed step.
       torchvision, note = stack.enter_context(torchvision_detection(torch))
       train, _ = mrc.torchvision_step(margs, data, torchvision, device=device, wrap=wrap,
                                       autocast=autocast, **(spec["options"] or {}))
@@ -316,11 +319,16 @@ def child_torch(spec, dtype, args, timer, compiled_mode):
       y = torch.from_numpy(labels).long().to(device)
       optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
       forward = wrap(model) if wrap else model
+      # uint8 pixels are normalized on the device, inside the step, as segjax's would be.
+      mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255
+                   for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+      normalize = ((lambda images: (images.float() - mean) / std)
+                   if args.image_dtype == "uint8" else (lambda images: images))
 
       def train():
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-          loss = loss_fn(forward(x.float()), y)
+          loss = loss_fn(forward(normalize(x)), y)
         loss.backward()
         optimizer.step()
         return loss
