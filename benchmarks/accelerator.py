@@ -28,17 +28,17 @@ reports the model's refusal) and segjax's Mask R-CNN uint8 pixels (torchvision a
 float images in [0, 1] and normalizes them in its step).
 
 Time: first the segjax and torch.compile steps are compiled in advance, `--prewarm-jobs` child
-processes at a time (6; off in tiny mode), into JAX's persistent compilation cache and
-Inductor's and Triton's caches, which the timed runs (one at a time) then load from: the
-compile column is the time measured there, slower than alone. Each run has its own limit
-(`--run-seconds`, compile included; a run past it is killed and reported), its timed steps stop
-after `--steps` steps or `--step-seconds`, and the whole command starts no run once `--budget`
-seconds (450) have passed and cuts the last one at it: runs go in priority order (bfloat16
-first; segjax, eager, torch.compile for each case; torch.compile of Mask R-CNN last) and the
-ones left out are listed with the reason. The tables are rewritten after every run, and SIGTERM
-(`timeout`) or Ctrl-C ends the running child and writes what was measured. PyTorch rows are
-skipped, with the reason printed, where torch is not installed, has no CUDA on a GPU machine,
-the device is a TPU, or torch.compile fails.
+processes at a time (6; off in tiny mode and on TPUs, which one process holds at a time), into
+JAX's persistent compilation cache and Inductor's and Triton's caches, which the timed runs (one
+at a time) then load from: the compile column is the time measured there, slower than alone.
+Each run has its own limit (`--run-seconds`, compile included; a run past it is killed and
+reported), its timed steps stop after `--steps` steps or `--step-seconds`, and the whole command
+starts no run once `--budget` seconds (450) have passed and cuts the last one at it: runs go in
+priority order (bfloat16 first; segjax, eager, torch.compile for each case; torch.compile of
+Mask R-CNN last) and the ones left out are listed with the reason. The tables are rewritten
+after every run, and SIGTERM (`timeout`) or Ctrl-C ends the running child and writes what was
+measured. PyTorch rows are skipped, with the reason printed, where torch is not installed, has
+no CUDA on a GPU machine, the device is a TPU, or torch.compile fails.
 """
 import argparse
 import contextlib
@@ -562,7 +562,7 @@ class Report:
              (f"XLA FLOPs from the {'/'.join(flops_sources)} program's cost analysis; the "
               "PyTorch rows' TFLOP/s and MFU use the same count (same network, same batch)."
               if flops_sources else "No XLA FLOPs: no segjax step was measured.")]
-    notes += [f"skipped: {line}" for line in self.skipped] + ["; ".join(versions)]
+    notes += [f"skipped: {line}" for line in self.skipped] + ["; ".join(versions)] * bool(versions)
     if self.prewarmed:
       failed = [f"{' '.join(run)}: {r['error']}" for run, r in self.prewarmed.items()
                 if "error" in r]
@@ -701,8 +701,8 @@ def main(argv=None):
   args.tiny = args.tiny or args.platform == "cpu"
   args.warmup = (1 if args.tiny else 3) if args.warmup is None else args.warmup
   args.steps = (1 if args.tiny else 20) if args.steps is None else args.steps
-  if args.prewarm_jobs is None:
-    args.prewarm_jobs = 0 if args.tiny else 6
+  if args.prewarm_jobs is None:  # a TPU is held by one process at a time
+    args.prewarm_jobs = 0 if args.tiny or args.platform == "tpu" else 6
   peaks = peak(device_kind) if args.platform != "cpu" else None
   peak_line = ("unknown peak: MFU not computed" if peaks is None else
                f"{peaks['name']}: dense peaks bfloat16 {peaks['bfloat16']} TFLOP/s, TF32 "
@@ -712,9 +712,17 @@ def main(argv=None):
   if args.tiny:
     print("tiny mode: tiny widths, 64x64 images (figures say nothing about full-size models)")
   results = Report(args, peaks, device_kind, peak_line, start)
-  torch_unavailable = None
+  torch_unavailable = (None if args.platform in ("cpu", "gpu") else
+                       f"PyTorch is not run on platform {args.platform!r} (only CUDA GPUs and "
+                       "CPUs)")
+  if torch_unavailable:
+    print(f"PyTorch rows skipped: {torch_unavailable}", flush=True)
   signal.signal(signal.SIGTERM, _stop)
   runs = plan(args.cases, args.dtypes, args.sides)
+  if torch_unavailable:
+    results.skipped += [f"{' '.join(run)}: {torch_unavailable}" for run in runs
+                        if run[0] != "segjax"]
+    runs = [run for run in runs if run[0] == "segjax"]
   caches = tempfile.TemporaryDirectory()
   env = cache_env(caches.name)
   try:
@@ -725,7 +733,7 @@ def main(argv=None):
       print(f"compiled in {time.perf_counter() - start:.0f} s", flush=True)
     for side, case, dtype in runs:
       elapsed = time.perf_counter() - start
-      if side != "segjax" and torch_unavailable:
+      if side != "segjax" and torch_unavailable:  # found out by an earlier run
         results.skipped.append(f"{side} {case} {dtype}: {torch_unavailable}")
         continue
       left = args.budget - elapsed
