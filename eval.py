@@ -13,8 +13,6 @@ every metric as JSON (--output, default <checkpoint>/eval_<split>.json for a
 workdir). --checkpoint may also be a peer's weights file (.pth, .safetensors)
 or a converted .npz for the config's architecture.
 """
-import os
-
 from absl import app, flags
 
 from segjax import cli
@@ -36,12 +34,9 @@ def main(argv):
     config.inference.crf.enabled = True
 
   def evaluate():
-    from segjax.commands.evaluate import evaluate_checkpoint
+    from segjax.commands.evaluate import default_output, evaluate_checkpoint
     checkpoint = _CHECKPOINT.value
-    output = _OUTPUT.value or os.path.join(
-        checkpoint if os.path.isdir(os.path.join(checkpoint, "checkpoints"))
-        else os.path.dirname(os.path.abspath(checkpoint)),
-        f"eval_{config.data.eval_split.split('[')[0]}.json")
+    output = _OUTPUT.value or default_output(checkpoint, config.data.eval_split)
     def report(metrics, table):
       print(f"step {metrics['step']}, {metrics['split']}, inference {metrics['mode']}:")
       print(table, flush=True)
