@@ -20,7 +20,7 @@ from segjax import cli
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Training workdir (its latest checkpoint), one step's folder, or a "
     "weights file (.pth, .safetensors, .npz) for the config's architecture.")
-_OUTPUT = flags.DEFINE_string("output", "", "Metrics JSON path.")
+_OUTPUT = flags.DEFINE_string("output", "", "Metrics JSON path (local or gs://).")
 _CRF = flags.DEFINE_bool("crf", False, "Refine predictions with the dense CRF "
                          "(config.inference.crf; whole or slide mode).")
 flags.mark_flags_as_required(["config", "checkpoint"])
