@@ -3,8 +3,9 @@ emulator (tests/gcs_emulator.py): train.py writes its checkpoints, metrics,
 TensorBoard events, panel and compilation cache there; a damaged latest checkpoint
 is set aside in the bucket and the next run resumes from the one before; eval.py's
 and predict.py's commands read the gs:// checkpoint and write to the bucket, with the
-same results as from a local folder. Datasets stay local: a gs:// data dir, and URL
-schemes other than gs://, are refused with one sentence."""
+same results as from a local folder; a profiler trace lands in the bucket. Datasets
+stay local: a gs:// data dir, and URL schemes other than gs://, are refused with one
+sentence."""
 import json
 import os
 import subprocess
@@ -90,7 +91,9 @@ def test_resume_eval_and_predict_from_the_bucket(emulator, first_run, tmp_path):
   args = {"workdir": WORKDIR, "data_dir": data_dir, "eval_split": SPLIT,
           "overrides": {**SETTINGS, "total_steps": 3}, "images": str(images),
           "cloud_output": f"gs://{gcs_emulator.BUCKET}/predictions",
-          "local_output": str(tmp_path / "predictions")}
+          "local_output": str(tmp_path / "predictions"),
+          "weights": f"gs://{gcs_emulator.BUCKET}/weights/w.npz",
+          "cache": f"gs://{gcs_emulator.BUCKET}/cache"}
   run = subprocess.run([sys.executable, "-m", "tests.training.gcs_driver", json.dumps(args)],
                        cwd=REPO, env=_env(emulator), capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
@@ -121,6 +124,13 @@ def test_resume_eval_and_predict_from_the_bucket(emulator, first_run, tmp_path):
   for name in names:
     assert (gcs_emulator.read(emulator, f"predictions/{name}")
             == (tmp_path / "predictions" / name).read_bytes()), name
+
+  # model.init_from and $SEGJAX_CACHE in the bucket (gcs_driver.py).
+  assert all(out["weights_ok"].values()), out["weights_ok"]
+  assert _names(emulator, "cache/") == ["pretrained/w.npz"]  # no temporary file left
+
+  # The profiler's trace, written locally and uploaded into the workdir.
+  assert any(n.endswith(".xplane.pb") for n in _names(emulator, "run/profile/plugins/profile/"))
 
 
 def test_datasets_and_other_url_schemes_are_refused_with_a_sentence(monkeypatch):
