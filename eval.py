@@ -13,8 +13,6 @@ every metric as JSON (--output, default <checkpoint>/eval_<split>.json for a
 workdir). --checkpoint may also be a peer's weights file (.pth, .safetensors)
 or a converted .npz for the config's architecture.
 """
-import os
-
 from absl import app, flags
 
 from segjax import cli
@@ -22,7 +20,7 @@ from segjax import cli
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Training workdir (its latest checkpoint), one step's folder, or a "
     "weights file (.pth, .safetensors, .npz) for the config's architecture.")
-_OUTPUT = flags.DEFINE_string("output", "", "Metrics JSON path.")
+_OUTPUT = flags.DEFINE_string("output", "", "Metrics JSON path (local or gs://).")
 _CRF = flags.DEFINE_bool("crf", False, "Refine predictions with the dense CRF "
                          "(config.inference.crf; whole or slide mode).")
 flags.mark_flags_as_required(["config", "checkpoint"])
@@ -36,12 +34,9 @@ def main(argv):
     config.inference.crf.enabled = True
 
   def evaluate():
-    from segjax.commands.evaluate import evaluate_checkpoint
+    from segjax.commands.evaluate import default_output, evaluate_checkpoint
     checkpoint = _CHECKPOINT.value
-    output = _OUTPUT.value or os.path.join(
-        checkpoint if os.path.isdir(os.path.join(checkpoint, "checkpoints"))
-        else os.path.dirname(os.path.abspath(checkpoint)),
-        f"eval_{config.data.eval_split.split('[')[0]}.json")
+    output = _OUTPUT.value or default_output(checkpoint, config.data.eval_split)
     def report(metrics, table):
       print(f"step {metrics['step']}, {metrics['split']}, inference {metrics['mode']}:")
       print(table, flush=True)

@@ -25,8 +25,8 @@ from segjax import cli
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Training workdir (its latest checkpoint), one step's folder, or a "
     "weights file (.pth, .safetensors, .npz) for --config's architecture.")
-_INPUT = flags.DEFINE_string("input", None, "An image, or a folder of images.")
-_OUTPUT = flags.DEFINE_string("output", None, "Folder for the predictions.")
+_INPUT = flags.DEFINE_string("input", None, "An image, or a folder of images (local or gs://).")
+_OUTPUT = flags.DEFINE_string("output", None, "Folder for the predictions (local or gs://).")
 _CRF = flags.DEFINE_bool("crf", False, "Refine predictions with the dense CRF "
                          "(config.inference.crf; whole or slide mode).")
 flags.mark_flags_as_required(["checkpoint", "input", "output"])

@@ -3,13 +3,15 @@
   python train.py --config configs/unet_shapes.py --workdir runs/unet_shapes
   python train.py --config configs/pspnet_ade20k.py:smoke --workdir /tmp/x --config.total_steps=10
 
-Running the same command again resumes from the latest checkpoint in --workdir.
+Running the same command again resumes from the latest checkpoint in --workdir, which may
+be a Cloud Storage URL (gs://bucket/run; segjax/paths.py).
 """
 from absl import app, flags
 
 from segjax import cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs: a local "
+                               "path or a gs://bucket/folder URL.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -85,8 +85,12 @@ def use_compilation_cache(setting: str, workdir: str) -> None:
   if setting == "off" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
   import jax
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.expanduser(setting) or os.path.join(workdir, "compilation_cache"))
+  from segjax import paths
+  try:  # local or gs://, as the workdir
+    folder = paths.absolute(setting) if setting else paths.absolute(workdir) / "compilation_cache"
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  jax.config.update("jax_compilation_cache_dir", str(folder))
 
 
 def run(command: Callable[[], None]) -> None:

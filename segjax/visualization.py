@@ -2,12 +2,13 @@
 prediction panels and drawn instance detections."""
 import colorsys
 import functools
-import os
 from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from segjax import paths
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
@@ -70,15 +71,17 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, ignore_i
 
 
 def save_png(path: str, array: np.ndarray) -> None:
-  Image.fromarray(array).save(path)
+  """Writes `array` as a PNG to a local or gs:// `path`."""
+  paths.save_image(Image.fromarray(array), path)
 
 
 def save_step_panel(directory: str, step: int, image: Optional[np.ndarray]) -> None:
   """Saves an evaluation's prediction panel (if any) as
-  <directory>/predictions/step_<step>.png."""
+  <directory>/predictions/step_<step>.png (a local or gs:// directory)."""
   if image is not None:
-    os.makedirs(os.path.join(directory, "predictions"), exist_ok=True)
-    save_png(os.path.join(directory, "predictions", f"step_{step:07d}.png"), image)
+    folder = paths.path(directory) / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_png(folder / f"step_{step:07d}.png", image)
 
 
 def _check_shape(array: np.ndarray, name: str, shape) -> np.ndarray:

@@ -1,14 +1,13 @@
 """eval.py: a checkpoint's metrics on the config's eval split, as the task's evaluator
 computes them, printed and written as JSON."""
 import json
-import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import ml_collections
 import numpy as np
 
-from segjax import visualization
+from segjax import paths, visualization
 from segjax.commands.restore import restore
 from segjax.tasks import variables_of
 from segjax.training import sharding
@@ -36,16 +35,25 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
   if report is not None:
     report(metrics, table)
   if output and jax.process_index() == 0:
-    directory = os.path.dirname(os.path.abspath(output))
+    target = paths.absolute(output)  # local or gs://
+    directory = target.parent
     try:
-      os.makedirs(directory, exist_ok=True)
-      with open(output, "w") as f:
-        json.dump(_jsonable(metrics, dataset.class_names), f, indent=1)
-      visualization.save_step_panel(directory, restored.step, evaluator.panel())
-    except OSError as e:
-      raise ValueError(f"Could not write the results to {directory} ({e.strerror or e}); "
-                       "give --output a path in a folder you can write to.") from e
+      directory.mkdir(parents=True, exist_ok=True)
+      paths.write_text(target, json.dumps(_jsonable(metrics, dataset.class_names), indent=1))
+      visualization.save_step_panel(str(directory), restored.step, evaluator.panel())
+    except paths.storage_errors() as e:
+      raise ValueError(f"Could not write the results to {directory} "
+                       f"({getattr(e, 'strerror', '') or e}); give --output a path in a "
+                       "folder you can write to.") from e
   return metrics, table
+
+
+def default_output(checkpoint: str, split: str) -> str:
+  """eval.py's --output when none is given: eval_<split>.json in the training workdir
+  (local or gs://) of `checkpoint`, or beside a step folder or weights file."""
+  location = paths.absolute(checkpoint)
+  folder = location if (location / "checkpoints").is_dir() else location.parent
+  return str(folder / f"eval_{split.split('[')[0]}.json")
 
 
 def _jsonable(metrics: Dict[str, Any], class_names) -> Dict[str, Any]:

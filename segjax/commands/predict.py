@@ -5,7 +5,7 @@ writes its files (semantic: <stem>.png of class ids + <stem>_overlay.jpg; instan
 <stem>.json COCO results + <stem>_instances.jpg; panoptic: <stem>.png COCO panoptic
 ids + one predictions.json).
 """
-import glob
+import io
 import os
 import sys
 from typing import List, Optional
@@ -15,20 +15,22 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from segjax import images
+from segjax import images, paths
 from segjax.commands.restore import restore
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def image_files(path: str) -> List[str]:
-  """`path` itself if it is an image, else the images directly inside it, sorted."""
-  if os.path.isfile(path):
+  """`path` itself if it is an image, else the images directly inside it, sorted (local
+  or gs://)."""
+  folder = paths.path(path)
+  if folder.is_file():
     return [path]
-  if not os.path.isdir(path):
+  if not folder.is_dir():
     raise ValueError(f"--input {path} is neither an image nor a folder.")
-  files = sorted(f for f in glob.glob(os.path.join(path, "*"))
-                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  files = sorted(str(f) for f in folder.iterdir()
+                 if not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTENSIONS))
   if not files:
     raise ValueError(f"--input folder {path} holds no {'/'.join(IMAGE_EXTENSIONS)} images.")
   return files
@@ -38,7 +40,11 @@ def read_image(path: str) -> np.ndarray:
   """An RGB uint8 image (16-bit and [0, 1] float images scaled, not clipped), or a
   ValueError naming a file that is not one."""
   try:
-    with Image.open(path) as image:
+    data = paths.read_bytes(path)
+  except paths.storage_errors() as e:
+    raise ValueError(f"Cannot read {path} ({getattr(e, 'strerror', '') or e}).") from e
+  try:
+    with Image.open(io.BytesIO(data)) as image:
       return images.to_rgb8(image, path)
   except images.UnsupportedImageError:
     raise
@@ -58,18 +64,23 @@ class SkippedImagesError(ValueError):
 def output_stems(files: List[str]) -> List[str]:
   """The output name stem of each input: its name without the extension, or with it
   (photo.jpg, photo.png) where two inputs share a stem, so that no outputs collide."""
-  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  names = [paths.path(f).name for f in files]
+  stems = [os.path.splitext(name)[0] for name in names]
   shared = {s for s in stems if stems.count(s) > 1}
-  return [os.path.basename(f) if s in shared else s for f, s in zip(files, stems)]
+  return [name if s in shared else s for name, s in zip(names, stems)]
 
 
 def _check_output_folder(files: List[str], output_dir: str) -> None:
   """Refuses an output folder holding input images: predictions there (<stem>.png, ...)
   could overwrite them."""
-  output = os.path.realpath(output_dir)
-  inside = [f for f in files if os.path.dirname(os.path.realpath(f)) == output]
+  def folder(path):
+    if paths.is_url(path):
+      return str(paths.path(path)).rstrip("/")
+    return os.path.realpath(path)
+  output = folder(output_dir)
+  inside = [f for f in files if folder(str(paths.path(f).parent)) == output]
   if inside:
-    raise ValueError(f"--output {output_dir} holds input images ({os.path.basename(inside[0])}"
+    raise ValueError(f"--output {output_dir} holds input images ({paths.path(inside[0]).name}"
                      f"{f' and {len(inside) - 1} more' if len(inside) > 1 else ''}), which "
                      "predictions could overwrite; choose another output folder.")
 
@@ -89,7 +100,7 @@ def predict_files(checkpoint: str, input_path: str, output_dir: str,
   restored = restore(checkpoint, config, edit=_crf_on if crf else None, for_prediction=True)
   config, task, dataset = restored.config, restored.task, restored.dataset
   predictor = task.predictor(config, dataset, restored.model, restored.variables)
-  os.makedirs(output_dir, exist_ok=True)
+  paths.path(output_dir).mkdir(parents=True, exist_ok=True)
   writer = task.writer(output_dir, dataset, restored.model)
   written, skipped = [], []
   for path, stem in zip(tqdm(files, unit="image"), output_stems(files)):

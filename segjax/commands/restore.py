@@ -8,7 +8,6 @@ as they always did, with a one-line notice. A peer's weights file (.pth, .safete
 or a converted .npz) loads into the config's architecture.
 """
 import dataclasses
-import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from segjax import paths
 from segjax.data import pipeline
 from segjax.data.sources import DatasetSpec, dataset_classes, get_dataset
 from segjax.tasks import Task, get_task
@@ -93,7 +93,7 @@ def restore(checkpoint: str, config: Optional[ml_collections.ConfigDict] = None,
   """
   if config is not None and edit is not None:
     config = _edited(config, edit)
-  if os.path.isfile(checkpoint) and checkpoint.endswith(WEIGHT_FILE_EXTENSIONS):
+  if checkpoint.endswith(WEIGHT_FILE_EXTENSIONS) and paths.path(checkpoint).is_file():
     return _restore_weights_file(checkpoint, config, open_dataset, for_prediction)
   record, step = checkpointing.read_record(checkpoint)
   if "config" in record and "dataset" in record:
@@ -136,5 +136,6 @@ def _restore_weights_file(path: str, config, open_dataset: bool,
              if open_dataset else dataset_classes(config.data.name))
   config, task, mesh, model = _model(config, dataset, for_prediction)
   _, shardings = _abstract_variables(model, _PEER_INPUT_SHAPE, mesh, config)
-  variables = jax.device_put(load_peer_checkpoint(path, model), shardings)
+  with paths.local_copy(path) as local:  # a gs:// file is read from a temporary copy
+    variables = jax.device_put(load_peer_checkpoint(local, model), shardings)
   return Restored(config, task, dataset, model, variables, 0, mesh, shardings)

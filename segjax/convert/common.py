@@ -6,6 +6,7 @@ weights; `convert_state_dict` then fills every variable (conv weights OIHW ->
 HWIO, BatchNorm weight/bias/running stats -> scale/bias/batch_stats) and
 refuses a state dict with missing, unknown or misshapen keys.
 """
+import io
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,6 +18,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from segjax import paths
 from segjax.registry import Registry
 
 # Architecture name -> fn(state_dict) -> variables, for `python -m segjax.convert`.
@@ -72,8 +74,8 @@ def save_variables(variables: Mapping[str, Any], path: str) -> None:
 
 
 def load_variables(path: str) -> Dict[str, Any]:
-  """Reads an .npz written by `save_variables` back into nested variables."""
-  with np.load(path) as data:
+  """Reads an .npz written by `save_variables` (local or gs://) back into nested variables."""
+  with np.load(io.BytesIO(paths.read_bytes(path)) if paths.is_url(path) else path) as data:
     return traverse_util.unflatten_dict({k: data[k] for k in data.files}, sep="/")
 
 

@@ -20,8 +20,9 @@ checksum-verified and converted once, into a cache.
 
     With `$SEGJAX_PRETRAINED_BASE_URL` set (a mirror, or a folder as file:///...), a
     short name downloads `<base>/<file name>` instead; the checksum stays the same.
-  * an http://, https:// or file:// URL of a PyTorch checkpoint (.pth/.pt, .safetensors;
-    a state-dict .npz with #arch=) or of a converted .npz (downloaded, used as it is);
+  * an http://, https://, file:// or gs:// URL of a PyTorch checkpoint (.pth/.pt,
+    .safetensors; a state-dict .npz with #arch=) or of a converted .npz (downloaded, used
+    as it is; a gs:// .npz is read where it is);
   * a local path: a converted .npz is returned as it is; a .pth/.pt/.safetensors is
     converted (into the cache, keyed by its sha256, so an edited file converts again).
 
@@ -36,9 +37,10 @@ E.g. `https://host/weights.pth#arch=resnet50&sha256=0676ba61`. (No full sha256 i
 the table yet: the files could not be fetched where this was written; their names'
 prefixes are checked.)
 
-Downloads go to `$SEGJAX_CACHE/pretrained/<file name>` (default ~/.cache/segjax), via a
-temporary file in the same folder that is renamed once complete and verified, so a
-file under the final name is always whole; the converted .npz is written beside it
+Downloads go to `$SEGJAX_CACHE/pretrained/<file name>` (default ~/.cache/segjax; a
+gs:// cache works too), via a temporary file in the same folder that is renamed once
+complete and verified (in a bucket: uploaded once complete), so a file under the final
+name is always whole; the converted .npz is written beside it
 the same way, as `<file stem>.<arch>.npz`, and later calls return it without network.
 Converting needs no PyTorch (`read_state_dict` falls back on torch_pickle.py).
 When a download is impossible (offline, unreachable host, HTTP error) or the
@@ -46,6 +48,7 @@ checksum differs, `PretrainedWeightsError` (a ValueError) says in one sentence w
 URL to fetch and the exact path to put it at; a file put there by hand is used
 without network once its checksum matches.
 """
+import contextlib
 import dataclasses
 import hashlib
 import http.client
@@ -55,10 +58,11 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
+from typing import Any
 
 from absl import logging
 
+from segjax import paths
 from segjax.convert.common import CONVERTERS, read_state_dict, save_variables
 
 CACHE_ENV = "SEGJAX_CACHE"
@@ -100,9 +104,10 @@ PRETRAINED: dict[str, Pretrained] = {
 }
 
 
-def cache_dir() -> Path:
-  """`$SEGJAX_CACHE`, else ~/.cache/segjax."""
-  return Path(os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
+def cache_dir() -> Any:
+  """`$SEGJAX_CACHE` (a local folder or a gs:// URL), else ~/.cache/segjax, as an
+  etils.epath.Path."""
+  return paths.absolute(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
 def resolve_init_from(value: str, arch: str | None = None) -> str:
@@ -123,7 +128,11 @@ def resolve_init_from(value: str, arch: str | None = None) -> str:
     if os.environ.get(BASE_URL_ENV):
       url = os.environ[BASE_URL_ENV].rstrip("/") + "/" + url.rsplit("/", 1)[1]
     return _resolve_url(url, entry.arch, entry.sha256 or _hash_in_name(_url_file_name(url)))
-  if urllib.parse.urlsplit(location).scheme in ("http", "https", "file"):
+  if location.startswith("gs://") and location.endswith(".npz") and "arch" not in options:
+    if not paths.path(location).is_file():
+      raise ValueError(f"model.init_from {value!r}: no such file in the bucket.")
+    return location  # already converted; read where it is
+  if urllib.parse.urlsplit(location).scheme in ("http", "https", "file", "gs"):
     name = _url_file_name(location)
     converted = name.endswith(".npz") and "arch" not in options
     return _resolve_url(location, None if converted else _arch(options, name, arch, value),
@@ -134,8 +143,8 @@ def resolve_init_from(value: str, arch: str | None = None) -> str:
       return location  # already converted
     return _convert_local(location, _arch(options, os.path.basename(location), arch, value),
                           options.get("sha256", ""))
-  raise ValueError(f"model.init_from {value!r} is no file, no http(s)/file URL and no short "
-                   f"name ({', '.join(PRETRAINED)}).")
+  raise ValueError(f"model.init_from {value!r} is no file, no http(s)/file/gs URL and no "
+                   f"short name ({', '.join(PRETRAINED)}).")
 
 
 def _split_options(value: str) -> tuple[str, dict[str, str]]:
@@ -192,9 +201,9 @@ def _arch(options: dict[str, str], file_name: str, fallback: str | None, value: 
                    f"#arch=NAME, one of {', '.join(CONVERTERS.names())}.")
 
 
-def _sha256(path: str) -> str:
+def _sha256(path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(_CHUNK), b""):
       digest.update(chunk)
   return digest.hexdigest()
@@ -222,31 +231,65 @@ def _resolve_url(url: str, arch: str | None, expected: str) -> str:
   return str(converted)
 
 
-def _make_folder(folder: Path) -> None:
+def _make_folder(folder) -> None:
   try:
     folder.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise PretrainedWeightsError(f"Cannot create the cache folder {folder} ({e.strerror}); set "
-                                 f"${CACHE_ENV} to a writable folder.") from e
+  except paths.storage_errors() as e:
+    raise PretrainedWeightsError(
+        f"Cannot create the cache folder {folder} ({getattr(e, 'strerror', '') or e}); set "
+        f"${CACHE_ENV} to a writable folder.") from e
 
 
-def _download(url: str, path: Path, expected: str) -> None:
+@contextlib.contextmanager
+def _temporary_beside(path):
+  """A local temporary file name that becomes `path` by `_commit(tmp, path)`: in `path`'s
+  folder when that is local (then renamed), else in a local temporary folder (then
+  uploaded whole); removed unless committed."""
+  folder = str(path.parent) if not paths.is_url(path) else None
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".part")
+  os.close(fd)
+  try:
+    yield tmp
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _commit(tmp: str, path) -> None:
+  if paths.is_url(path):
+    with open(tmp, "rb") as f:
+      path.write_bytes(f.read())
+    os.remove(tmp)
+    return
+  os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+  os.replace(tmp, str(path))
+
+
+def _open_url(url: str):
+  """A readable binary stream of `url` and its length (None when unknown)."""
+  if url.startswith("gs://"):
+    location = paths.path(url)
+    return location.open("rb"), location.stat().length
+  request = urllib.request.Request(url, headers={"User-Agent": "segjax"})
+  response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
+  return response, response.headers.get("Content-Length")
+
+
+def _download(url: str, path, expected: str) -> None:
   """Downloads to a temporary file beside `path`, checks the sha256 and renames; any
   failure removes the temporary file and leaves nothing at `path`."""
   logging.info("Downloading %s to %s.", url, path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-  try:
+  with _temporary_beside(path) as tmp:
     digest, size = hashlib.sha256(), 0
-    with os.fdopen(fd, "wb") as out:
+    with open(tmp, "wb") as out:
       try:
-        request = urllib.request.Request(url, headers={"User-Agent": "segjax"})
-        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-          length = response.headers.get("Content-Length")
+        response, length = _open_url(url)
+        with response:
           for chunk in iter(lambda: response.read(_CHUNK), b""):
             out.write(chunk)
             digest.update(chunk)
             size += len(chunk)
-      except (OSError, http.client.HTTPException) as e:
+      except (*paths.storage_errors(), http.client.HTTPException) as e:
         raise PretrainedWeightsError(
             f"Could not download {url} ({_reason(e)}); fetch it some other way and put it at "
             f"{path}, where it is used without network.") from e
@@ -258,11 +301,7 @@ def _download(url: str, path: Path, expected: str) -> None:
       raise PretrainedWeightsError(
           f"{url} downloaded with sha256 {digest.hexdigest()}, not {expected}; put the right "
           f"file (sha256 {expected}...) at {path}.")
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    _commit(tmp, path)
 
 
 def _reason(error: BaseException) -> str:
@@ -273,19 +312,14 @@ def _reason(error: BaseException) -> str:
   return str(error) or type(error).__name__
 
 
-def _save_converted(source: str, arch: str, path: Path) -> None:
+def _save_converted(source, arch: str, path) -> None:
   """Converts `source` and writes the .npz to a temporary file beside `path`, then
   renames it, so that `path` never holds a partial file."""
-  variables = CONVERTERS.get(arch)(read_state_dict(source))
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-  os.close(fd)
-  try:
+  with paths.local_copy(str(source)) as local:
+    variables = CONVERTERS.get(arch)(read_state_dict(local))
+  with _temporary_beside(path) as tmp:
     save_variables(variables, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    _commit(tmp, path)
 
 
 def _convert_local(path: str, arch: str, expected: str) -> str:
@@ -294,7 +328,7 @@ def _convert_local(path: str, arch: str, expected: str) -> str:
   if expected and not digest.startswith(expected):
     raise PretrainedWeightsError(f"{path} has sha256 {digest}, not the {expected} given.")
   folder = cache_dir() / "converted"
-  converted = folder / f"{_stem(os.path.basename(path))}-{digest[:16]}.{arch}.npz"
+  converted = folder / f"{_stem(paths.path(path).name)}-{digest[:16]}.{arch}.npz"
   if not converted.exists():
     _make_folder(folder)
     _save_converted(path, arch, converted)

@@ -71,6 +71,12 @@ def get_dataset(name: str, data_dir: str = "", manual_dir: str = "") -> DatasetS
   """The `DatasetSpec` of a registered dataset; empty dirs take tfds' defaults."""
   data_dir = data_dir or default_data_dir()
   manual_dir = manual_dir or os.path.join(data_dir, "downloads", "manual")
+  for value, what in ((data_dir, "config.data.data_dir (or $TFDS_DATA_DIR)"),
+                      (manual_dir, "config.data.manual_dir")):
+    if "://" in value:
+      raise ValueError(f"{what} is {value}, but segjax reads datasets from a local disk only "
+                       "(checkpoints and logs may go to gs://); copy the prepared dataset "
+                       "folder to a local disk and point data_dir there.")
   return DATASETS.get(name)(data_dir=data_dir, manual_dir=manual_dir)
 
 

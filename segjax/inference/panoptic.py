@@ -19,7 +19,6 @@ and `write_coco_panoptic` stores them as one annotation of a prediction JSON tha
 `segjax.metrics.pq_compute` reads.
 """
 import functools
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from segjax import paths
 from segjax.metrics.panoptic import id_to_rgb
 
 
@@ -335,9 +335,9 @@ def write_coco_panoptic(folder: str, file_name: str, png: np.ndarray,
   if not file_name.lower().endswith(".png"):
     raise ValueError(f"file_name {file_name!r} must end in .png: the ids are stored "
                      f"losslessly as RGB.")
-  path = os.path.join(folder, file_name)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  Image.fromarray(png).save(path)
+  path = paths.path(folder) / file_name  # local or gs://
+  path.parent.mkdir(parents=True, exist_ok=True)
+  paths.save_image(Image.fromarray(png), path)
   return {"image_id": image_id, "file_name": file_name, "segments_info": segments_info}
 
 

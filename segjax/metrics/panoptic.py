@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
+from segjax import paths
+
 VOID = 0
 MATCH_IOU = 0.5
 IGNORE_FRACTION = 0.5
@@ -370,8 +372,16 @@ class PQAccumulator:
 
 
 def read_id_png(path: str) -> np.ndarray:
-  """(H, W) uint32 segment ids of a panoptic PNG (RGB encoded; a 1-channel PNG holds ids)."""
-  image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+  """(H, W) uint32 segment ids of a panoptic PNG (RGB encoded; a 1-channel PNG holds ids),
+  local or gs://."""
+  if paths.is_url(path):
+    try:
+      data = np.frombuffer(paths.read_bytes(path), np.uint8)
+    except paths.storage_errors():
+      data = np.zeros(0, np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+  else:
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
   if image is None:
     raise FileNotFoundError(f"Cannot read the panoptic PNG {path}: missing or not an image.")
   if image.ndim == 2:
@@ -401,8 +411,7 @@ def _evaluate_pairs(pairs: Sequence[Tuple[Segment, Segment]], gt_folder: str, pr
 
 
 def _load_json(path: str, kind: str) -> Dict[str, Any]:
-  with open(path) as f:
-    data = json.load(f)
+  data = json.loads(paths.path(path).read_text())
   if not isinstance(data, dict) or "annotations" not in data:
     raise ValueError(f"{kind} JSON {path} has no 'annotations' list; expected the COCO panoptic "
                      f"format.")
@@ -469,7 +478,7 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: Optional[str] 
   gt_folder = os.path.splitext(gt_json_file)[0] if gt_folder is None else gt_folder
   pred_folder = os.path.splitext(pred_json_file)[0] if pred_folder is None else pred_folder
   for folder, kind in ((gt_folder, "ground-truth"), (pred_folder, "prediction")):
-    if not os.path.isdir(folder):
+    if not paths.path(folder).is_dir():
       raise FileNotFoundError(f"The {kind} PNG folder {folder} does not exist; pass "
                               f"{'gt' if kind == 'ground-truth' else 'pred'}_folder.")
   gt_json = _load_json(gt_json_file, "Ground-truth")

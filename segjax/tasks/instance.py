@@ -6,13 +6,13 @@ weighted sum of its own losses and is scored with COCO box and mask AP by pycoco
 against ground truth built from the eval split.
 """
 import json
-import os
 from typing import Any, Dict, List
 
 import ml_collections
 import numpy as np
 from PIL import Image
 
+from segjax import paths
 from segjax.data import pipeline
 from segjax.data import transforms
 from segjax.data.sources import DatasetSpec
@@ -202,11 +202,10 @@ class DetectionWriter(PredictionWriter):
     for result in results:
       result.pop("image_id")
       result["category"] = names[result.pop("category_id")]
-    json_path = os.path.join(self.output_dir, f"{stem}.json")
-    with open(json_path, "w") as f:
-      json.dump(results, f)
-    drawn_path = os.path.join(self.output_dir, f"{stem}_instances.jpg")
+    json_path = str(paths.path(self.output_dir) / f"{stem}.json")
+    paths.write_text(json_path, json.dumps(results))
+    drawn_path = str(paths.path(self.output_dir) / f"{stem}_instances.jpg")
     drawn = instances.draw(image, {k: v[None] for k, v in prediction.items()}, 0, dataset,
                            self.score_threshold)
-    Image.fromarray(drawn).save(drawn_path, quality=90)
+    paths.save_image(Image.fromarray(drawn), drawn_path, quality=90)
     return [json_path, drawn_path]

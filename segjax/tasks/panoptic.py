@@ -7,11 +7,11 @@ panopticapi's PQ/SQ/RQ against the eval split's panoptic annotations, and predic
 writes COCO panoptic PNGs plus one predictions.json.
 """
 import json
-import os
 from typing import Any, Dict, List
 
 import numpy as np
 
+from segjax import paths
 from segjax.data import pipeline
 from segjax.data import transforms
 from segjax.inference import panoptic_eval
@@ -120,13 +120,12 @@ class PanopticWriter(PredictionWriter):
                                                  prediction["scores"], self.model)
     self.annotations.append(write_coco_panoptic(self.output_dir, f"{stem}.png", png, info,
                                                 image_id=stem))
-    return [os.path.join(self.output_dir, f"{stem}.png")]
+    return [str(paths.path(self.output_dir) / f"{stem}.png")]
 
   def close(self) -> List[str]:
-    path = os.path.join(self.output_dir, "predictions.json")
-    with open(path, "w") as f:
-      json.dump({"annotations": self.annotations,
-                 "categories": panoptic_eval.categories(self.dataset)}, f)
+    path = str(paths.path(self.output_dir) / "predictions.json")
+    paths.write_text(path, json.dumps({"annotations": self.annotations,
+                                       "categories": panoptic_eval.categories(self.dataset)}))
     return [path]
 
 

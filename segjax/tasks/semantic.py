@@ -6,7 +6,6 @@ scored with mmseg's metrics from a confusion matrix: in static batches through
 size (modes "whole" and "slide", `SemanticPredictor`).
 """
 import functools
-import os
 from typing import Any, Dict, List, Optional
 
 import flax.linen as nn
@@ -18,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
-from segjax import visualization
+from segjax import paths, visualization
 from segjax.data import pipeline
 from segjax.data import transforms
 from segjax.data.sources import DatasetSpec
@@ -282,9 +281,9 @@ class LabelMapWriter(PredictionWriter):
 
   def write(self, prediction, image, stem) -> List[str]:
     labels, palette = np.asarray(prediction), self.dataset.palette
-    label_path = os.path.join(self.output_dir, f"{stem}.png")
-    overlay_path = os.path.join(self.output_dir, f"{stem}_overlay.jpg")
-    visualization.label_png(labels, palette).save(label_path)
-    Image.fromarray(visualization.overlay(image, labels, palette, self.dataset.ignore_index)
-                    ).save(overlay_path, quality=90)
+    label_path = str(paths.path(self.output_dir) / f"{stem}.png")
+    overlay_path = str(paths.path(self.output_dir) / f"{stem}_overlay.jpg")
+    paths.save_image(visualization.label_png(labels, palette), label_path)
+    paths.save_image(Image.fromarray(visualization.overlay(
+        image, labels, palette, self.dataset.ignore_index)), overlay_path, quality=90)
     return [label_path, overlay_path]

@@ -16,13 +16,13 @@ saying so instead of failing deep inside the restore. Evaluation and prediction
 restore only the parameters and BatchNorm statistics (`restore_variables`).
 """
 import logging
-import os
 import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
+from segjax import paths
 from segjax.training.sharding import path_name
 
 
@@ -44,10 +44,10 @@ def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   # off mid-write is never listed; leftovers of such writes are removed at start-up.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          cleanup_tmp_directories=True)
-  return _manager(os.path.join(os.path.abspath(workdir), "checkpoints"), options)
+  return _manager(paths.absolute(workdir) / "checkpoints", options)
 
 
-def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+def _manager(directory, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       directory, options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -128,8 +128,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, record) -> Op
   return None
 
 
-def _aside_directory(manager: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(os.path.dirname(str(manager.directory)), "damaged_checkpoints", str(step))
+def _aside_directory(manager: ocp.CheckpointManager, step: int):
+  return paths.path(str(manager.directory)).parent / "damaged_checkpoints" / str(step)
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps) -> None:
@@ -138,26 +138,26 @@ def _set_aside(manager: ocp.CheckpointManager, steps) -> None:
   if jax.process_index() == 0:
     for step in steps:
       target = _aside_directory(manager, step)
-      if os.path.exists(target):
-        target += f".{int(time.time())}"
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.rename(os.path.join(str(manager.directory), str(step)), target)
+      if target.exists():  # never overwrite one set aside before
+        target = target.with_name(f"{step}.{int(time.time())}")
+      paths.move_tree(paths.path(str(manager.directory)) / str(step), target)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("segjax_damaged_checkpoints_moved")
   manager.reload()
 
 
-def _step_directory(path: str) -> Tuple[str, Optional[int]]:
-  """(checkpoints folder, step or None for the latest) of a --checkpoint path: a training
-  workdir, its `checkpoints` folder, or one step's folder (e.g. runs/x/checkpoints/4000)."""
-  path = os.path.abspath(path)
+def _step_directory(location: str) -> Tuple[Any, Optional[int]]:
+  """(checkpoints folder, step or None for the latest) of a --checkpoint path (local or
+  gs://): a training workdir, its `checkpoints` folder, or one step's folder (e.g.
+  runs/x/checkpoints/4000)."""
+  path = paths.absolute(location)
   step = None
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  elif os.path.basename(path).isdigit():
-    path, step = os.path.dirname(path), int(os.path.basename(path))
-  if not os.path.isdir(path):
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  elif path.name.isdigit():
+    path, step = path.parent, int(path.name)
+  if not path.is_dir():
     raise ValueError(f"--checkpoint {path} does not exist; give a training workdir, its "
                      "checkpoints folder or one step folder inside it.")
   return path, step
@@ -172,7 +172,7 @@ class _QuietReadOnly(logging.Filter):
     return "read_only=True" not in message and "is read only" not in message
 
 
-def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+def _read_only_manager(directory) -> ocp.CheckpointManager:
   if not any(isinstance(f, _QuietReadOnly) for f in logging.getLogger("absl").filters):
     logging.getLogger("absl").addFilter(_QuietReadOnly())
   return ocp.CheckpointManager(

@@ -29,6 +29,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from segjax import paths
 from segjax.convert import resolve_init_from
 from segjax.data import pipeline
 from segjax.data.sources import get_dataset
@@ -45,15 +46,15 @@ class NonFiniteError(ValueError):
 def check_writable(workdir: str) -> None:
   """Stops at start-up, with one sentence, when `workdir` cannot be created or written
   (rather than after the set-up, at the first checkpoint or log)."""
-  probe = os.path.join(workdir, f".segjax_write_test_{os.getpid()}")
+  folder = paths.path(workdir)  # local or gs://; another URL scheme is refused here
+  probe = folder / f".segjax_write_test_{os.getpid()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f"The workdir {workdir} is not writable ({e.strerror or e}); give a "
-                     "--workdir you can write to.") from e
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except paths.storage_errors() as e:
+    raise ValueError(f"The workdir {workdir} is not writable ({getattr(e, 'strerror', '') or e}); "
+                     "give a --workdir you can write to.") from e
 
 
 def inference_record(config: ml_collections.ConfigDict, task, dataset, input_shape):

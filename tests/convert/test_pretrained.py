@@ -326,7 +326,7 @@ def test_unwritable_cache_is_named(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("no_such_file.npz", "is no file, no http.s./file URL and no short name .resnet50_v1c, "),
+    ("no_such_file.npz", "is no file, no http.s./file/gs URL and no short name .resnet50_v1c, "),
     ("w.pth#color=red", r"unknown options \['color'\]"),
     ("http://127.0.0.1:9/w.pth#arch=resnet7", "arch 'resnet7' is not one of"),
     ("http://127.0.0.1:9/w.pth#sha256=xyz", "sha256 must be 8 to 64 hex digits"),
