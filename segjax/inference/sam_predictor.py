@@ -26,6 +26,20 @@ class ImageState(NamedTuple):
   original_size: Tuple[int, int]
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(model):
+  """(embed, decode) jitted for `model`, shared by every predictor of an equal model (so a
+  second predictor, e.g. predict.py's next call in the same process, compiles nothing)."""
+  def decode(variables, embedding, prompts, *, input_size, original_size, multimask_output):
+    low_res, iou = model.apply(variables, embedding, **prompts,
+                               multimask_output=multimask_output, method=type(model).decode)
+    masks = transforms.postprocess_masks(low_res[0], input_size, original_size,
+                                         model.image_size)
+    return masks, iou[0], low_res[0]
+  return (jax.jit(functools.partial(model.apply, method=type(model).embed_image)),
+          jax.jit(decode, static_argnames=("input_size", "original_size", "multimask_output")))
+
+
 class SamPredictor:
   """Masks for prompts on one image at a time, from a SAM model and its variables."""
 
@@ -34,9 +48,7 @@ class SamPredictor:
   def __init__(self, model, variables):
     self.model, self.variables = model, variables
     self.image_size = int(model.image_size)
-    self._embed = jax.jit(functools.partial(model.apply, method=type(model).embed_image))
-    self._decode = jax.jit(self._decode_fn, static_argnames=("input_size", "original_size",
-                                                             "multimask_output"))
+    self._embed, self._decode = _compiled(model)
 
   def set_image(self, image: np.ndarray) -> ImageState:
     """Embeds an RGB uint8 [h, w, 3] image."""
@@ -49,15 +61,6 @@ class SamPredictor:
                                      self.model.pixel_std)
     embedding = self._embed(self.variables, jnp.asarray(x)[None])
     return ImageState(embedding, tuple(resized.shape[:2]), tuple(image.shape[:2]))
-
-  def _decode_fn(self, variables, embedding, prompts, *, input_size, original_size,
-                 multimask_output):
-    low_res, iou = self.model.apply(variables, embedding, **prompts,
-                                    multimask_output=multimask_output,
-                                    method=type(self.model).decode)
-    masks = transforms.postprocess_masks(low_res[0], input_size, original_size,
-                                         self.image_size)
-    return masks, iou[0], low_res[0]
 
   def predict(self, state: ImageState, point_coords: Optional[np.ndarray] = None,
               point_labels: Optional[np.ndarray] = None, boxes: Optional[np.ndarray] = None,

@@ -276,6 +276,37 @@ class PromptEvaluator(Evaluator):
 
 # -------------------------------------------------------------------------- predict.py, task
 
+def prompt_edit(points: str = "", point_labels: str = "", boxes: str = "",
+                automatic: bool = False):
+  """predict.py's SAM prompts as a config edit into config.inference.sam (None when no
+  prompt flag is given); the prompts are checked here, before any model loads."""
+  if not (points or point_labels or boxes or automatic):
+    return None
+  if automatic and (points or point_labels or boxes):
+    raise ValueError("--automatic segments everything and takes no --points, --point_labels "
+                     "or --boxes; give either prompts or --automatic.")
+  parsed = sam_predictor.parse_points(points) if points else None
+  if point_labels:
+    if parsed is None:
+      raise ValueError("--point_labels needs --points, one label per point.")
+    sam_predictor.parse_labels(point_labels, len(parsed))
+  if not automatic:  # the prompt's shape: several boxes take no points
+    sam_predictor.prompt_queries(parsed, None,
+                                 sam_predictor.parse_boxes(boxes) if boxes else None)
+
+  def edit(config):
+    from segjax.tasks.base import task_name
+    name = task_name(config)
+    if name != "promptable":
+      raise ValueError(f"--points, --boxes and --automatic prompt SAM models, but model "
+                       f"{config.model.name!r} is a {name} model; drop those flags.")
+    if "sam" not in config.inference:
+      config.inference.sam = inference_settings()
+    config.inference.sam.update(dict(points=points, point_labels=point_labels, boxes=boxes,
+                                     automatic=bool(automatic)))
+  return edit
+
+
 class PromptPredictor:
   """image -> the masks of config.inference.sam's prompts, or (none, or `automatic`) the
   automatic mask generator's records."""
