@@ -48,6 +48,7 @@ class Sam(nn.Module):
   fine-tuning (`frozen_params_mask`); the positional encoding's Gaussian matrix is
   always frozen (a buffer in the reference).
   """
+  task = "promptable"  # the segjax task that trains and runs it (segjax/tasks)
   num_classes: int = 0
   variant: str = "vit_b"
   image_size: int = 1024
