@@ -23,7 +23,7 @@ are listed together in one error.
 config whose model is "sam" (predict.py / eval.py --checkpoint x.pth).
 """
 import re
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,27 @@ def _expected_params(model: Sam) -> Dict[tuple, Any]:
   return traverse_util.flatten_dict(dict(shapes["params"]))
 
 
+def check_shapes(shapes: Mapping[str, Sequence[int]], model: Sam,
+                 expected: Optional[Dict[tuple, Any]] = None) -> None:
+  """Raises one ValueError listing every key of a state dict's {name: shape} that is
+  missing, unknown or misshapen for `model` (`expected`: its flat abstract params)."""
+  expected = _expected_params(model) if expected is None else expected
+  wanted = {torch_name(path): path for path in expected}
+  missing = sorted(set(wanted) - set(shapes))
+  unknown = sorted(k for k in shapes if k not in wanted and k not in _IGNORED)
+  misshapen = []
+  for key, path in wanted.items():
+    if key in shapes:
+      shape = tuple(_from_torch(path, np.empty(tuple(shapes[key]), np.bool_)).shape)
+      if shape != tuple(expected[path].shape):
+        misshapen.append(f"{key} {tuple(shapes[key])} (segjax {'/'.join(path)} needs "
+                         f"{tuple(expected[path].shape)})")
+  if missing or unknown or misshapen:
+    raise ValueError(f"State dict does not fit SAM ({_describe(model)}): missing keys "
+                     f"{missing or 'none'}; unknown keys {unknown or 'none'}; misshapen keys "
+                     f"{misshapen or 'none'}.{_variant_hint(shapes, model)}")
+
+
 def torch_sam_to_flax(state_dict: Mapping[str, Any], model: Optional[Sam] = None
                       ) -> Dict[str, Any]:
   """{"params": ...} for `model` (default `Sam()`, ViT-B) from a segment_anything `Sam`
@@ -71,24 +92,11 @@ def torch_sam_to_flax(state_dict: Mapping[str, Any], model: Optional[Sam] = None
   unknown and misshapen key."""
   model = Sam() if model is None else model
   expected = _expected_params(model)
-  sources = {path: torch_name(path) for path in expected}
-  wanted = set(sources.values())
-  missing = sorted(wanted - set(state_dict))
-  unknown = sorted(k for k in state_dict if k not in wanted and k not in _IGNORED)
-  flat, misshapen = {}, []
-  for path, key in sources.items():
-    if key not in state_dict:
-      continue
-    value = _from_torch(path, np.asarray(state_dict[key], dtype=np.float32))
-    if value.shape != tuple(expected[path].shape):
-      misshapen.append(f"{key} {tuple(np.shape(state_dict[key]))} (segjax "
-                       f"{'/'.join(path)} needs {tuple(expected[path].shape)})")
-    flat[path] = np.ascontiguousarray(value).astype(expected[path].dtype)
-  if missing or unknown or misshapen:
-    hint = _variant_hint(state_dict, model)
-    raise ValueError(f"State dict does not fit SAM ({_describe(model)}): missing keys "
-                     f"{missing or 'none'}; unknown keys {unknown or 'none'}; misshapen keys "
-                     f"{misshapen or 'none'}.{hint}")
+  check_shapes({k: tuple(np.shape(v)) for k, v in state_dict.items()}, model, expected)
+  flat = {}
+  for path, leaf in expected.items():
+    value = _from_torch(path, np.asarray(state_dict[torch_name(path)], dtype=np.float32))
+    flat[path] = np.ascontiguousarray(value).astype(leaf.dtype)
   return {"params": traverse_util.unflatten_dict(flat)}
 
 
@@ -98,13 +106,13 @@ def _describe(model: Sam) -> str:
           f"image_size {model.image_size}")
 
 
-def _variant_hint(state_dict: Mapping[str, Any], model: Sam) -> str:
+def _variant_hint(shapes: Mapping[str, Sequence[int]], model: Sam) -> str:
   """A sentence naming the official variant the checkpoint's encoder looks like."""
   key = "image_encoder.patch_embed.proj.weight"
-  if key not in state_dict:
+  if key not in shapes:
     return " It has no image encoder: is it a segment_anything Sam checkpoint?"
-  dim = int(np.shape(state_dict[key])[0])
-  depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+  dim = int(shapes[key][0])
+  depth = len({k.split(".")[2] for k in shapes if k.startswith("image_encoder.blocks.")})
   for name, (v_dim, v_depth, _, _) in VARIANTS.items():
     if (dim, depth) == (v_dim, v_depth) and name != model.variant:
       return f" The checkpoint's encoder (width {dim}, depth {depth}) is SAM {name}; use that."
