@@ -155,7 +155,7 @@ def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.n
   n = len(boxes)
   if n == 0:
     return np.zeros((0,), np.int64)
-  size = max(64, 1 << (n - 1).bit_length())
+  size = max(256, 1 << (n - 1).bit_length())
   pad = size - n
   padded_boxes = np.pad(np.asarray(boxes, np.float32), ((0, pad), (0, 0)))
   padded_scores = np.pad(np.asarray(scores, np.float32), (0, pad))

@@ -13,18 +13,10 @@ import pytest
 from PIL import Image
 
 from configs import sam_vit_b
-from segjax.tasks import get_task, promptable
+from segjax.tasks import promptable
 from tests.torch_reference import import_torchvision
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def test_config_builds_the_promptable_task():
-  for variant in ("", "smoke"):
-    config = sam_vit_b.get_config(variant)
-    assert get_task(config).name == "promptable"
-  with pytest.raises(ValueError, match="Unknown variant"):
-    sam_vit_b.get_config("huge")
 
 
 def test_sample_prompts_fall_inside_masks_and_near_boxes():
@@ -82,7 +74,9 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-def test_smoke_finetuning_lowers_loss_and_evaluates(data_dir, tmp_path):
+def test_smoke_finetuning_lowers_loss_and_evaluates(data_dir, inputs, tmp_path):
+  """configs/sam_vit_b.py:smoke trains, evaluates, and predict.py labels with its checkpoint."""
+  from segjax.commands.predict import predict_files
   from segjax.training import trainer
   config = sam_vit_b.get_config("smoke")
   config.unlock()
@@ -95,6 +89,12 @@ def test_smoke_finetuning_lowers_loss_and_evaluates(data_dir, tmp_path):
   assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
   assert metrics["instances"] > 0
   assert 0 <= metrics["box_mIoU"] <= 100 and 0 <= metrics["point_mIoU"] <= 100
+  folder, image = inputs
+  written = predict_files(str(tmp_path / "run"), folder, str(tmp_path / "out"),
+                          edit=promptable.prompt_edit(boxes="10,5,70,60"))
+  assert sorted(os.path.basename(p) for p in written) == ["coffee_mask0.png",
+                                                          "coffee_overlay.jpg"]
+  assert np.asarray(Image.open(tmp_path / "out" / "coffee_mask0.png")).shape == image.shape[:2]
 
 
 # --------------------------------------------------------------------------------- predict.py
@@ -154,9 +154,16 @@ def test_predict_points_and_boxes_match_segment_anything(weights, inputs, tmp_pa
   assert ours.shape == image.shape[:2] and _iou(ours, want[0]) >= 0.99
   assert 0 < want[0].sum() < want[0].size
 
+  # A converted .npz as well as the .pth.
+  from segjax.convert import read_state_dict, save_variables
+  from segjax.convert.sam import torch_sam_to_flax
+  from segjax.models.sam import Sam
+  from tests.inference.test_sam_automatic import TINY_OPTIONS
+  npz = str(tmp_path / "tiny_sam.npz")
+  save_variables(torch_sam_to_flax(read_state_dict(path), Sam(**TINY_OPTIONS)), npz)
   boxes = np.array([[10, 5, 70, 60], [50, 30, 115, 75]], np.float64)
   out = tmp_path / "boxes"
-  predict_files(path, folder, str(out), _smoke_config(tmp_path),
+  predict_files(npz, folder, str(out), _smoke_config(tmp_path),
                 edit=promptable.prompt_edit(boxes="10,5,70,60;50,30,115,75"))
   for k, box in enumerate(boxes):
     ours = np.asarray(Image.open(out / f"coffee_mask{k}.png")) > 0
