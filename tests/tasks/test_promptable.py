@@ -222,3 +222,23 @@ def test_predict_cli_and_bad_prompts(weights, inputs, tmp_path):
   with pytest.raises(ValueError, match="prompt SAM models"):
     with config.unlocked():
       promptable.prompt_edit(automatic=True)(config)
+
+
+def test_frozen_encoder_gets_no_gradient():
+  """With freeze_image_encoder (the fine-tuning default) the image encoder gets no gradient,
+  and the mask decoder does."""
+  from segjax.models.sam import Sam
+  from tests.inference.test_sam_automatic import TINY_OPTIONS
+  model = Sam(**{**TINY_OPTIONS, "image_size": 64, "freeze_image_encoder": True})
+  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  masks = np.zeros((1, 2, 64, 64), np.uint8)
+  masks[0, 0, 5:30, 10:40] = 1
+  masks[0, 1, 35:60, 20:50] = 1
+  batch = {"image": jnp.full((1, 64, 64, 3), 100, jnp.uint8),
+           "boxes": jnp.array([[[10, 5, 40, 30], [20, 35, 50, 60]]], jnp.float32),
+           "instance_valid": jnp.array([[True, False]]), "masks": jnp.asarray(masks)}
+  fn = promptable.objective(model=model).fn
+  grads = jax.jit(jax.grad(lambda p: fn(p, {}, batch, jax.random.key(1))[0]))(params)
+  norm = lambda tree: float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
+  assert norm(grads["image_encoder"]) == 0.0
+  assert norm(grads["mask_decoder"]) > 0.0
