@@ -17,6 +17,19 @@ image's own size; `inference.mode` "batched" is trained-size evaluation only, so
 results) and <name>_instances.jpg; panoptic models (Panoptic FPN) write <name>.png
 (COCO panoptic ids as RGB) and one predictions.json that
 `segjax.metrics.pq_compute` reads.
+
+Segment Anything (configs/sam_vit_b.py; the official .pth converts on the fly):
+
+  python predict.py --config configs/sam_vit_b.py --checkpoint sam_vit_b_01ec64.pth \
+      --input photos/ --output out/ --points "500,375;620,410" --point_labels "1,0"
+  python predict.py ... --boxes "75,275,1725,850;425,600,700,875"
+  python predict.py ... --automatic   # or no prompt at all
+
+Prompts are in each image's own pixels. All points (and at most one box) form one prompt;
+several boxes are one prompt each. Each prompt writes <name>_mask<k>.png (0/255) and all
+of them <name>_overlay.jpg; the automatic mode writes <name>.json (one record per mask:
+COCO RLE segmentation, area, bbox, predicted_iou, point_coords, stability_score, crop_box)
+and <name>_overlay.jpg.
 """
 from absl import app, flags
 
@@ -29,6 +42,17 @@ _INPUT = flags.DEFINE_string("input", None, "An image, or a folder of images (lo
 _OUTPUT = flags.DEFINE_string("output", None, "Folder for the predictions (local or gs://).")
 _CRF = flags.DEFINE_bool("crf", False, "Refine predictions with the dense CRF "
                          "(config.inference.crf; whole or slide mode).")
+_POINTS = flags.DEFINE_string(
+    "points", "", "SAM: point prompt(s) \"x,y;x,y\" in the image's pixels, together one prompt "
+    "(with at most one --boxes box).")
+_POINT_LABELS = flags.DEFINE_string(
+    "point_labels", "", "SAM: \"1,0,...\", one per point: 1 foreground, 0 background "
+    "(default all 1).")
+_BOXES = flags.DEFINE_string(
+    "boxes", "", "SAM: box prompt(s) \"x0,y0,x1,y1;...\", one mask each.")
+_AUTOMATIC = flags.DEFINE_bool(
+    "automatic", False, "SAM: masks of everything (the automatic mask generator, settings in "
+    "config.inference.sam); also what SAM does with no prompt.")
 flags.mark_flags_as_required(["checkpoint", "input", "output"])
 
 
@@ -39,8 +63,10 @@ def main(argv):
 
   def predict():
     from segjax.commands.predict import predict_files
+    from segjax.tasks.promptable import prompt_edit
+    prompts = prompt_edit(_POINTS.value, _POINT_LABELS.value, _BOXES.value, _AUTOMATIC.value)
     written = predict_files(_CHECKPOINT.value, _INPUT.value, _OUTPUT.value, config,
-                            crf=_CRF.value)
+                            crf=_CRF.value, edit=prompts)
     print(f"wrote {len(written)} files to {_OUTPUT.value}")
   cli.run(predict)
 

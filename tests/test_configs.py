@@ -27,6 +27,7 @@ CONFIGS = {
     "panoptic_fpn_shapes": ("", "smoke"),
     "panoptic_fpn_coco": ("", "3x", "smoke"),
     "panoptic_fpn_cityscapes": ("", "smoke"),
+    "sam_vit_b": ("", "smoke"),
 }
 
 

@@ -3,12 +3,13 @@
 Each image goes through the task's predictor at its own size; the task's writer
 writes its files (semantic: <stem>.png of class ids + <stem>_overlay.jpg; instance:
 <stem>.json COCO results + <stem>_instances.jpg; panoptic: <stem>.png COCO panoptic
-ids + one predictions.json).
+ids + one predictions.json; promptable (SAM): <stem>_mask<k>.png per prompt +
+<stem>_overlay.jpg, or with no prompt <stem>.json of COCO RLE masks + <stem>_overlay.jpg).
 """
 import io
 import os
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import ml_collections
 import numpy as np
@@ -85,19 +86,35 @@ def _check_output_folder(files: List[str], output_dir: str) -> None:
                      "predictions could overwrite; choose another output folder.")
 
 
+def _edits(*edits: Optional[Callable[[ml_collections.ConfigDict], None]]):
+  """The config edits given (None: none), applied in order, as one edit (or None)."""
+  edits = [e for e in edits if e is not None]
+  if not edits:
+    return None
+
+  def edit(config):
+    for e in edits:
+      e(config)
+  return edit
+
+
 def predict_files(checkpoint: str, input_path: str, output_dir: str,
                   config: Optional[ml_collections.ConfigDict] = None,
-                  crf: bool = False) -> List[str]:
+                  crf: bool = False,
+                  edit: Optional[Callable[[ml_collections.ConfigDict], None]] = None
+                  ) -> List[str]:
   """Labels every input image with the model of `checkpoint` (its own config unless
-  `config` is given; `crf` turns on the dense CRF refinement); returns the written
-  paths.
+  `config` is given; `crf` turns on the dense CRF refinement; `edit(config)` changes the
+  config before it is checked, e.g. SAM's prompts, `promptable.prompt_edit`); returns the
+  written paths.
 
   Output names never collide (`output_stems`) and never land on an input file. An image
   that cannot be read is skipped with a warning and the rest are labelled; then
   SkippedImagesError lists the skipped ones (and how many files were written)."""
   files = image_files(input_path)
   _check_output_folder(files, output_dir)
-  restored = restore(checkpoint, config, edit=_crf_on if crf else None, for_prediction=True)
+  restored = restore(checkpoint, config, edit=_edits(_crf_on if crf else None, edit),
+                     for_prediction=True)
   config, task, dataset = restored.config, restored.task, restored.dataset
   predictor = task.predictor(config, dataset, restored.model, restored.variables)
   paths.path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,8 @@ def _restore_weights_file(path: str, config, open_dataset: bool,
   dataset = (get_dataset(config.data.name, config.data.data_dir, config.data.manual_dir)
              if open_dataset else dataset_classes(config.data.name))
   config, task, mesh, model = _model(config, dataset, for_prediction)
-  _, shardings = _abstract_variables(model, _PEER_INPUT_SHAPE, mesh, config)
+  input_shape = getattr(model, "input_shape", _PEER_INPUT_SHAPE)  # SAM's is fixed
+  _, shardings = _abstract_variables(model, input_shape, mesh, config)
   with paths.local_copy(path) as local:  # a gs:// file is read from a temporary copy
     variables = jax.device_put(load_peer_checkpoint(local, model), shardings)
   return Restored(config, task, dataset, model, variables, 0, mesh, shardings)

@@ -7,7 +7,8 @@ torch_pickle.py), .safetensors or .npz; writes an .npz of
 '/'-joined variable paths that `load_variables` reads back. Each converter
 module registers its architectures in `CONVERTERS`; whole mmsegmentation
 segmentors go by their config names (`--arch pspnet_r50-d8`, deeplabv3_r50-d8,
-deeplabv3plus_r50-d8, fcn_r50-d8 and the r101-d8 ones; segjax/convert/mmseg.py).
+deeplabv3plus_r50-d8, fcn_r50-d8 and the r101-d8 ones; segjax/convert/mmseg.py), Segment
+Anything's official checkpoints by sam_vit_b, sam_vit_l, sam_vit_h (segjax/convert/sam.py).
 `load_peer_checkpoint(path, model)` loads such a checkpoint into a model you built.
 `resolve_init_from` (pretrained.py) does this by itself for short names (resnet50_v1c,
 ...) and URLs, downloading and converting once into a cache.
@@ -26,6 +27,7 @@ from segjax.convert.resnet import torch_resnet_to_flax, torch_segmentation_to_fl
 import segjax.convert.mask_rcnn  # noqa: F401
 from segjax.convert.mmseg import load_peer_checkpoint, mmseg_to_flax
 import segjax.convert.mobilenet_v2  # noqa: F401
+import segjax.convert.sam  # noqa: F401
 import segjax.convert.vgg  # noqa: F401
 
 __all__ = ["CONVERTERS", "PretrainedWeightsError", "convert_state_dict", "load_peer_checkpoint",

@@ -36,6 +36,7 @@ auxiliary head read from the checkpoint:
   python -m segjax.convert --arch pspnet_r50-d8 --input pspnet.pth --output pspnet.npz
 
 `load_peer_checkpoint(path, model)` is the library form for a model you built
+(a segjax `Sam` takes segment_anything checkpoints, segjax/convert/sam.py)
 (any options): it reads .pth/.pt, .safetensors or an .npz, either converted
 (variables) or a flat state dict, and returns {"params", "batch_stats"} checked
 name by name and shape by shape against the model's own variables.
@@ -146,9 +147,10 @@ for _arch, _cls in _ARCHS.items():
 def _expected_variables(model) -> Dict[tuple, Any]:
   """Flat {(collection, *path): ShapeDtypeStruct} of `model`'s variables, initialised in
   training mode so that train-only parts (the auxiliary head) are included."""
+  shape = getattr(model, "input_shape", (1, 32, 32, 3))  # SAM's fixed input size
   shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0),
                                               "dropout": jax.random.key(0)},
-                                             jnp.zeros((1, 32, 32, 3)), train=True))
+                                             jnp.zeros(shape), train=True))
   return traverse_util.flatten_dict(dict(shapes))
 
 
@@ -168,18 +170,25 @@ def _check_variables(variables: Mapping[str, Any], model, path: str) -> Dict[str
     raise ValueError(f"{path} does not fit {type(model).__name__}: missing "
                      f"{missing or 'none'}; unknown {unknown or 'none'}; misshapen "
                      f"{misshapen or 'none'}.")
-  return traverse_util.unflatten_dict(
+  variables = traverse_util.unflatten_dict(
       {k: np.asarray(flat[k], dtype=expected[k].dtype) for k in expected})
+  variables.setdefault("batch_stats", {})  # models without BatchNorm (SAM) have none
+  return variables
 
 
 def _peer_converter(model) -> Callable[[Mapping[str, Any]], Dict[str, Any]]:
+  from segjax.convert.sam import torch_sam_to_flax
+  from segjax.models.sam import Sam
+  if isinstance(model, Sam):
+    return lambda state: torch_sam_to_flax(state, model)
   if type(model) in _HEADS:
     return lambda state: mmseg_to_flax(state, model)
   if isinstance(model, (DeepLabV3, FCNResNet)):
     return lambda state: torch_segmentation_to_flax(state, model)
   raise ValueError(f"No peer checkpoint layout for {type(model).__name__}; mmseg's fit "
                    f"{sorted(c.__name__ for c in _HEADS)}, torchvision's DeepLabV3 and "
-                   "FCNResNet. Convert other weights with `python -m segjax.convert`.")
+                   "FCNResNet, segment_anything's Sam. Convert other weights with `python -m "
+                   "segjax.convert`.")
 
 
 def load_peer_checkpoint(path: str, model) -> Dict[str, Any]:
