@@ -170,6 +170,7 @@ def main():
     return
 
   import numpy as np
+  load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as tmp:
     ref = run_child("torch", args, tmp)  # writes the checkpoint segjax loads
     ours = run_child("segjax", args, tmp)
@@ -187,7 +188,9 @@ def main():
   table.add("peak RSS (GB)", f"{ours['peak_rss_gb']:.2f}", f"{ref['peak_rss_gb']:.2f}",
             f"{ref['peak_rss_gb'] / ours['peak_rss_gb']:.2f}", "")
   notes = ["Largest difference / largest magnitude, segjax against the reference: "
-           + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()) + "."]
+           + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()) + ".",
+           f"Machine load (1-minute average) {load_before:.1f} at the start, "
+           f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs."]
   size = ("the official model (sam_model_registry)" if args.size == 1024 else
           f"the official {args.variant} encoder at a {args.size}x{args.size} input")
   table.finish(
