@@ -46,6 +46,9 @@ CASES = {
     "sliding_window": ("Sliding-window inference of a 1024x2048 image",
                        ["sliding_window.py", "--sizes", "1024x2048", "--window-batch", "1,4",
                         "--repeats", "2"]),
+    "sam": ("Segment Anything ViT-B inference against segment_anything",
+            ["sam.py", "--variant", "vit_b", "--size", "1024", "--queries", "64", "--repeats",
+             "2"]),
 }
 
 
