@@ -16,10 +16,13 @@ runs faster), so a non-finite loss fails the run. segjax pads the instances to
 `--max-instances` rows and donates the train state; its compile time is reported apart from the
 steady-state step time (median of `--repeats` timed steps after `--warmup` untimed ones, each
 ended with block_until_ready). The torchvision step is timed whole: its input transform,
-forward with losses, backward, optimizer step. With static shapes segjax's mask head runs on a
+forward with losses, backward, optimizer step. With static shapes segjax's mask branch has a
 fixed number of RoI slots per image, `--mask-slots` (`MaskRCNN(mask_slots=...)`; by default
-int(512 * 0.25) = 128, every foreground RoI the sampler can draw; with fewer, a random subset
-of the sampled foreground RoIs), torchvision's on all its sampled foreground RoIs.
+int(512 * 0.25) = 128, every foreground RoI the sampler can draw; with fewer, a weighted random
+subset of the sampled foreground RoIs), foreground first, and runs them in chunks of
+`--mask-chunk` slots per image (`MaskRCNN(mask_chunk=...)`, default 16; 0: one pass over all
+slots), skipping at run time the chunks with no foreground RoI in the batch; torchvision's
+mask head runs on its sampled foreground RoIs.
 
 Each side runs in its own child process (this script with the internal `--only segjax|torch`),
 so the peak RSS reported for it (`ru_maxrss`: runtime, compiler, model, activations) is its
@@ -130,9 +133,10 @@ def segjax_setup(args, data, **options):
             "classes": pad(classes), "masks": pad(masks),
             "instance_valid": np.broadcast_to(np.arange(rows) < count, (batch, rows))}
 
+  chunk = {} if args.mask_chunk is None else {"mask_chunk": args.mask_chunk}
   model = MaskRCNN(num_classes=args.classes, backbone=args.backbone, frozen_bn=True,
                    trainable_layers=3, mask_slots=args.mask_slots, dtype=jnp.dtype(args.dtype),
-                   **options)
+                   **{**chunk, **options})
   # Parameter shapes do not depend on the image size: initialize on a small image.
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
   frozen = model.frozen_params_mask(variables["params"])
@@ -277,6 +281,9 @@ def parse_args(argv):
   parser.add_argument("--mask-slots", type=int, default=None,
                       help="RoI slots per image segjax's mask head trains on (default: 128, "
                            "all the foreground RoIs the sampler can draw)")
+  parser.add_argument("--mask-chunk", type=int, default=None,
+                      help="slots per image of each run-time-skippable chunk of segjax's mask "
+                           "branch (default: MaskRCNN's, 16; 0: one pass over all slots)")
   parser.add_argument("--lr", type=float, default=0.02)
   parser.add_argument("--clip-norm", type=float, default=1.0,
                       help="clip the trainable gradients to this global norm (0: no clipping)")
@@ -299,6 +306,8 @@ def parse_args(argv):
     parser.error(f"--clip-norm must be >= 0 (0: no clipping), got {args.clip_norm}.")
   if args.mask_slots is not None and args.mask_slots < 1:
     parser.error(f"--mask-slots must be a positive number of RoIs, got {args.mask_slots}.")
+  if args.mask_chunk is not None and args.mask_chunk < 0:
+    parser.error(f"--mask-chunk must be >= 0 (0: no chunks), got {args.mask_chunk}.")
   if bool(args.only) != bool(args.result):
     parser.error("--only and --result go together (they are internal: run without them).")
   return args
@@ -354,11 +363,15 @@ def run(argv):
     raise ValueError("run() measures both sides; --only and --result are internal.")
   ours, theirs = run_child("segjax", argv), run_child("torch", argv)
   slots = min(128, args.mask_slots or 128)
+  chunk = "all" if args.mask_chunk == 0 else min(slots, 16 if args.mask_chunk is None
+                                                  else args.mask_chunk)
   setup = [f"Mask R-CNN {args.backbone}-FPN train step, batch {args.batch} x {args.size}x"
            f"{args.size}, {args.classes} classes, {args.instances} instances per image, "
            f"SGD momentum (lr {args.lr}, gradients clipped to global norm "
-           f"{args.clip_norm or 'inf'}); segjax's mask head on {slots} RoI slots per image "
-           f"(--mask-slots {args.mask_slots}); {args.repeats} timed steps after {args.warmup} "
+           f"{args.clip_norm or 'inf'}); segjax's mask branch on {slots} RoI slots per image "
+           f"(--mask-slots {args.mask_slots}) in chunks of {chunk} skipped without "
+           f"foreground (--mask-chunk {args.mask_chunk}); {args.repeats} timed steps after "
+           f"{args.warmup} "
            "warm-up; each side in its own process",
            f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}",
            f"{ours['versions']}; {theirs['versions']}"]

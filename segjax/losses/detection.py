@@ -186,7 +186,8 @@ def mask_targets(gt_masks: jax.Array, gt_frames: jax.Array, rois: jax.Array,
   return jnp.where(has_area[:, None, None], pooled, 0.0)
 
 
-def mask_loss(mask_logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+def mask_loss(mask_logits: jax.Array, labels: jax.Array, targets: jax.Array,
+              weights: Optional[jax.Array] = None) -> jax.Array:
   """Mask-head loss, as torchvision's `maskrcnn_loss` on given targets.
 
   Args:
@@ -194,10 +195,13 @@ def mask_loss(mask_logits: jax.Array, labels: jax.Array, targets: jax.Array) -> 
     labels: int [B, P]: the class channel of each foreground RoI; 0 for background RoIs and
       padding, which do not count.
     targets: [B, P, M, M] targets in [0, 1] (e.g. `mask_targets` vmapped over images).
+    weights: optional float [B, P] weight of each foreground RoI (default 1), e.g. the
+      n / slots of `segjax.ops.foreground_slots` when the RoIs are a random subset.
 
   Returns:
     float32 scalar: BCE with logits of each foreground RoI's own channel against its target,
-    mean over all foreground pixels of the batch; 0 (zero gradients) with no foreground RoI.
+    mean over all foreground pixels of the batch (weighted: sum of weight x pixel BCE over
+    sum of weight x pixels); 0 (zero gradients) with no foreground RoI.
   """
   if mask_logits.ndim != 5 or mask_logits.shape[2] != mask_logits.shape[3]:
     raise ValueError(f"mask_logits must have shape [B, P, M, M, K + 1], got "
@@ -207,10 +211,24 @@ def mask_loss(mask_logits: jax.Array, labels: jax.Array, targets: jax.Array) -> 
   _check_shape("targets", targets, tuple(mask_logits.shape[:4]), "one M x M target per RoI.")
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"labels must be integer class channels, got dtype {labels.dtype}.")
+  total, count = mask_loss_sums(mask_logits, labels, targets, weights)
+  return total / jnp.maximum(count, 1.0)
+
+
+def mask_loss_sums(mask_logits: jax.Array, labels: jax.Array, targets: jax.Array,
+                   weights: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+  """`mask_loss`'s numerator and denominator (float32 scalars), to add up over chunks of RoIs:
+  the sum of weight x pixel BCE over the foreground RoIs and the sum of weight x pixels."""
+  rois = tuple(mask_logits.shape[:2])
   foreground = labels > 0
   channel = jnp.where(foreground, labels, 0).astype(jnp.int32)
   logits = jnp.take_along_axis(mask_logits, channel[:, :, None, None, None], axis=-1)[..., 0]
   bce = _bce_with_logits(logits.astype(jnp.float32), targets.astype(jnp.float32))
   pixels = mask_logits.shape[2] * mask_logits.shape[3]
-  count = jnp.sum(foreground).astype(jnp.float32) * pixels
-  return _masked_mean(bce, foreground[:, :, None, None], count)
+  if weights is None:
+    weights = foreground.astype(jnp.float32)
+  else:
+    _check_shape("weights", weights, rois, "one weight per RoI.")
+    weights = jnp.where(foreground, weights.astype(jnp.float32), 0.0)
+  total = jnp.sum(jnp.where(foreground[:, :, None, None], bce * weights[:, :, None, None], 0.0))
+  return total, jnp.sum(weights) * pixels

@@ -19,12 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segjax.losses.detection import fast_rcnn_losses, mask_loss, mask_targets, rpn_losses
+from segjax.losses.detection import fast_rcnn_losses, mask_loss_sums, mask_targets, rpn_losses
 from segjax.models.fpn import ResNetFPN
 from segjax.models.registry import MODELS
 from segjax.models.roi_heads import BoxHead, MaskHead, postprocess_detections
 from segjax.models.rpn import RPNHead, propose
-from segjax.ops import generate_anchors, multilevel_roi_align, roi_targets, rpn_targets
+from segjax.ops import (foreground_slots, generate_anchors, multilevel_roi_align, roi_targets,
+                        rpn_targets)
 
 RPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")
 ROI_LEVELS = ("p2", "p3", "p4", "p5")
@@ -72,10 +73,17 @@ class MaskRCNN(nn.Module):
   box_pre_nms_top_k: Optional[int] = 1000
   mask_channels: int = 256
   mask_num_convs: int = 4
-  # Foreground RoI slots per image the mask head trains on; None: every slot the sampler can
-  # fill, int(box_batch_size_per_image * box_positive_fraction). Fewer slots cost less; an
-  # image with more foreground RoIs than slots then trains on a uniformly random subset.
+  # Foreground RoI slots per image the mask head trains on; None: every foreground RoI the
+  # sampler can draw, int(box_batch_size_per_image * box_positive_fraction) (128 with
+  # torchvision's settings). An image with more foreground RoIs than slots trains on a
+  # uniformly random subset of them, weighted so that the mask loss stays unbiased
+  # (`segjax.ops.foreground_slots`).
   mask_slots: Optional[int] = None
+  # The mask branch (RoIAlign, head, targets, loss) runs on the slots in chunks of this many per
+  # image, foreground first, and a chunk with no foreground RoI in any image of the batch is
+  # skipped at run time (lax.cond): its cost follows the batch's largest foreground count, as
+  # torchvision's follows its foreground RoIs, not the static slot count. 0: one pass over all.
+  mask_chunk: int = 16
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -216,24 +224,33 @@ class MaskRCNN(nn.Module):
                                     jax.random.fold_in(rng, 2))
     return out
 
-  def _mask_loss(self, levels, roi_t, targets, gt_boxes, rng):
-    """Mask BCE on the foreground RoIs, gathered into `mask_slots` fixed slots (by default
-    int(S * positive_fraction), the most the sampler can draw; with fewer, a random subset)."""
+  def mask_slot_count(self) -> int:
+    """RoI slots per image the mask head trains on: `mask_slots`, by default (and at most) the
+    most foreground RoIs the sampler can draw, int(box_batch_size_per_image *
+    box_positive_fraction)."""
     most = max(1, int(self.box_batch_size_per_image * self.box_positive_fraction))
-    if self.mask_slots is not None and self.mask_slots < 1:
+    if self.mask_slots is not None and (not isinstance(self.mask_slots, int)
+                                        or self.mask_slots < 1):
       raise ValueError(f"mask_slots must be a positive number of RoIs (or None), got "
-                       f"{self.mask_slots}.")
-    slots = min(most, self.mask_slots or most)
-    foreground = roi_t.labels > 0
-    if slots < most:  # Random priorities among the foreground RoIs: an unbiased subset.
-      priority = jnp.where(foreground, -1.0 - jax.random.uniform(rng, foreground.shape), 0.0)
-      order = jnp.argsort(priority, axis=1, stable=True)[:, :slots]
-    else:
-      order = jnp.argsort(~foreground, axis=1, stable=True)[:, :slots]
-    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)),
+                       f"{self.mask_slots!r}.")
+    return min(most, self.mask_slots or most)
+
+  def _mask_loss(self, levels, roi_t, targets, gt_boxes, rng):
+    """Mask BCE on the foreground RoIs, gathered into `mask_slot_count()` fixed slots per
+    image, foreground first: all of them when they fit, otherwise a uniformly random subset,
+    each RoI weighted by (foreground count) / slots so that the loss's expectation is
+    torchvision's mean over all foreground RoIs (`segjax.ops.foreground_slots`). The slots
+    run in chunks of `mask_chunk`, skipping those without foreground (`_mask_sums`)."""
+    slots = self.mask_slot_count()
+    if not isinstance(self.mask_chunk, int) or self.mask_chunk < 0:
+      raise ValueError(f"mask_chunk must be a non-negative int (0: no chunks), got "
+                       f"{self.mask_chunk!r}.")
+    rows, taken, weights = jax.vmap(lambda f, k: foreground_slots(f, slots, k))(
+        roi_t.labels > 0, jax.random.split(rng, roi_t.labels.shape[0]))
+    take = lambda x: jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)),
                                          axis=1)
     rois, labels, matched = take(roi_t.boxes), take(roi_t.labels), take(roi_t.matched_idx)
-    labels = jnp.where(take(foreground), labels, 0)
+    labels = jnp.where(taken, labels, 0)
     if "box_masks" in targets:
       gt_masks, frames = targets["box_masks"], gt_boxes
     elif "masks" in targets:
@@ -244,11 +261,31 @@ class MaskRCNN(nn.Module):
       raise ValueError("Mask R-CNN training needs instance masks: `masks` [B, G, H, W] or "
                        "`box_masks` [B, G, S, S] in the batch; add them in the data ops or "
                        "train Faster R-CNN (model.options.mask=False).")
-    logits = self.mask_head(self._pool(levels, rois, 14)).astype(jnp.float32)
+    chunk = min(self.mask_chunk or slots, rows.shape[1])
+    if self.is_initializing() or chunk >= rows.shape[1]:
+      total, count = self._mask_sums(self.mask_head, levels, rois, labels, matched, weights,
+                                     gt_masks, frames)
+    else:
+      params = self.mask_head.variables["params"]
+      head = MaskHead(self.num_classes, self.mask_channels, self.mask_num_convs,
+                      dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
+      run = lambda p, *a: self._mask_sums(lambda x: head.apply({"params": p}, x), *a)
+      skip = lambda *_: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+      total = count = jnp.zeros((), jnp.float32)
+      for start in range(0, rows.shape[1], chunk):
+        part = lambda x: x[:, start:start + chunk]
+        t, c = jax.lax.cond(jnp.any(part(labels) > 0), run, skip, params, levels, part(rois),
+                            part(labels), part(matched), part(weights), gt_masks, frames)
+        total, count = total + t, count + c
+    return total / jnp.maximum(count, 1.0)
+
+  def _mask_sums(self, head, levels, rois, labels, matched, weights, gt_masks, frames):
+    """(sum of weight x pixel BCE, sum of weight x pixels) of the mask loss on these slots."""
+    logits = head(self._pool(levels, rois, 14)).astype(jnp.float32)
     size = logits.shape[2]
-    mask_t = jax.vmap(lambda m, f, r, i: mask_targets(m.astype(jnp.float32), f, r, i, size))(
+    mask_t = jax.vmap(lambda m, f, r, i: mask_targets(m, f, r, i, size))(  # gathers, then floats
         gt_masks, frames, rois, matched)
-    return mask_loss(logits, labels, mask_t)
+    return mask_loss_sums(logits, labels, mask_t, weights)
 
   def frozen_params_mask(self, params: Mapping[str, Any]) -> Any:
     """True on parameters that never train (the frozen backbone stages), for the optimizer."""

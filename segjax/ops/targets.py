@@ -279,3 +279,36 @@ def roi_targets(proposals, gt_boxes, gt_classes, gt_valid, rng, *, proposal_vali
   labels = jnp.where(foreground, gt_classes[row_matches].astype(jnp.int32) + 1, 0)
   box_targets = _safe_encode(gt_boxes, row_matches, out_boxes, foreground, weights)
   return RoiTargets(out_boxes, labels.astype(jnp.int32), box_targets, row_matches, valid)
+
+
+def foreground_slots(foreground, slots, rng):
+  """Up to `slots` foreground rows of one image, an unbiased random subset when there are more.
+
+  The mask head trains on a fixed number of RoI slots per image. When the image has n <= slots
+  foreground rows all of them are taken, each with weight 1; when n > slots a uniformly random
+  subset of `slots` of them is taken, each with weight n / slots. A loss that sums per-RoI
+  terms times these weights then has, over the draw, the expectation of the sum over all n
+  rows: each row is drawn with probability slots / n. Remaining slots are filled with
+  non-foreground rows (weight 0).
+
+  Args:
+    foreground: bool [S]: the rows that are foreground (e.g. `RoiTargets.labels > 0`).
+    slots: static number of slots, 1 <= slots (more than S is the same as S).
+    rng: PRNG key of the draw.
+
+  Returns:
+    (rows int32 [min(slots, S)] into the S rows, foreground rows first; taken bool, True on
+    the foreground rows taken; weights float32, n / max(taken count, 1) on them, 0 elsewhere).
+  """
+  foreground = jnp.asarray(foreground).astype(bool)
+  if foreground.ndim != 1:
+    raise ValueError(f"foreground must have shape [S], got {foreground.shape}; vmap over images.")
+  if not isinstance(slots, int) or slots < 1:
+    raise ValueError(f"slots must be a positive Python int (a static shape), got {slots!r}.")
+  k = min(slots, foreground.shape[0])
+  priority = jnp.where(foreground, 1.0, 0.0) + jax.random.uniform(rng, foreground.shape)
+  _, rows = jax.lax.top_k(priority, k)
+  taken = foreground[rows]
+  count = jnp.sum(foreground).astype(jnp.float32)
+  weights = jnp.where(taken, count / jnp.maximum(jnp.sum(taken), 1).astype(jnp.float32), 0.0)
+  return rows.astype(jnp.int32), taken, weights

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from segjax.losses.detection import fast_rcnn_losses, mask_loss, mask_targets, rpn_losses
+from segjax.ops import foreground_slots
 from segjax.ops.targets import RoiTargets, RpnTargets, roi_targets, rpn_targets
 from tests.torch_reference import import_torchvision
 
@@ -327,6 +328,32 @@ def test_mask_loss_equals_torch_formula():
   expected, expected_grad = _torch_mask_loss(mask_logits, labels, targets)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_mask_loss_of_weighted_foreground_slots_is_unbiased():
+  """The mask loss on `foreground_slots`' random subsets (weighted n / slots) averages to
+  torchvision's loss over all foreground RoIs; with room for all of them it equals it."""
+  rng = np.random.default_rng(11)
+  shape = (3, 12, 6, 6, 4)
+  mask_logits = rng.normal(0, 2, shape).astype(np.float32)
+  labels = np.zeros(shape[:2], np.int32)
+  labels[0, [0, 2, 3, 5, 7, 8, 10, 11]] = rng.integers(1, 4, 8)  # 8 foreground RoIs
+  labels[1, [4, 9]] = (2, 3)  # 2, fewer than the slots
+  targets = (rng.uniform(size=shape[:4]) < 0.4).astype(np.float32)
+  expected, _ = _torch_mask_loss(mask_logits, labels, targets)
+
+  def slotted(key, slots):
+    rows, taken, weights = jax.vmap(lambda f, k: foreground_slots(f, slots, k))(
+        jnp.asarray(labels > 0), jax.random.split(key, shape[0]))
+    pick = lambda x: jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), 1)
+    return mask_loss(pick(mask_logits), jnp.where(taken, pick(labels), 0), pick(targets),
+                     weights)
+
+  keys = jax.random.split(jax.random.key(0), 3000)
+  losses = np.asarray(jax.jit(jax.vmap(lambda k: slotted(k, 3)))(keys))
+  assert losses.std() > 0.01  # the subsets differ...
+  np.testing.assert_allclose(losses.mean(), expected, rtol=0.01)  # ...and average to the loss
+  np.testing.assert_allclose(float(slotted(keys[0], 8)), expected, rtol=1e-5)
 
 
 def test_mask_loss_without_foreground_is_zero():

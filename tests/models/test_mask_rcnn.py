@@ -115,33 +115,73 @@ def test_inference_outputs_are_padded_best_first(variables):
   assert (boxes >= 0).all() and (boxes <= SIZE).all()
 
 
-def test_mask_slots_train_on_a_random_subset_of_the_foreground_rois(variables):
+def test_mask_slots_train_on_a_weighted_random_subset_of_the_foreground_rois(variables):
   """With fewer slots than foreground RoIs the mask loss is one RoI's loss, a different one for
-  different keys; with enough slots it is the default loss."""
-  batch, slots = 1, 8  # box_batch_size_per_image 8 in TINY: S = 8 sampled rows.
+  different keys, whose mean is the loss on both; with enough slots (the default) it is the
+  loss on both."""
+  batch, rows = 1, 8  # box_batch_size_per_image 8 in TINY: S = 8 sampled rows, at most 2 fg.
   levels = [jax.random.normal(jax.random.key(i), (batch, SIZE // s, SIZE // s, 8))
             for i, s in enumerate((4, 8, 16, 32))]
   targets = _targets(batch, 2)
-  labels = jnp.zeros((batch, slots), jnp.int32).at[0, 1].set(1).at[0, 5].set(3)
-  roi_t = RoiTargets(boxes=jnp.tile(targets["boxes"][:, :2], (1, slots // 2, 1)), labels=labels,
-                     box_targets=jnp.zeros((batch, slots, 4)),
-                     matched_idx=jnp.tile(jnp.arange(2, dtype=jnp.int32), (batch, slots // 2)),
-                     valid=jnp.ones((batch, slots), bool))
+  labels = jnp.zeros((batch, rows), jnp.int32).at[0, 1].set(1).at[0, 5].set(3)
+  roi_t = RoiTargets(boxes=jnp.tile(targets["boxes"][:, :2], (1, rows // 2, 1)), labels=labels,
+                     box_targets=jnp.zeros((batch, rows, 4)),
+                     matched_idx=jnp.tile(jnp.arange(2, dtype=jnp.int32), (batch, rows // 2)),
+                     valid=jnp.ones((batch, rows), bool))
 
   def mask_loss(model, roi_t, key):
     return model.apply(variables, levels, roi_t, targets, targets["boxes"], key,
                        method=lambda m, *a: m._mask_loss(*a))
 
+  assert _model().mask_slot_count() == 2 and _model(mask_slots=50).mask_slot_count() == 2
+  assert MaskRCNN(num_classes=3).mask_slot_count() == 128  # torchvision's 512 x 0.25
   both = float(mask_loss(_model(), roi_t, jax.random.key(0)))
-  assert float(mask_loss(_model(mask_slots=50), roi_t, jax.random.key(0))) == both
-  alone = [float(mask_loss(_model(), roi_t._replace(labels=jnp.where(
-      jnp.arange(slots) == keep, labels, 0)), jax.random.key(0))) for keep in (1, 5)]
+  assert np.isclose(float(mask_loss(_model(mask_slots=50), roi_t, jax.random.key(1))), both,
+                    rtol=1e-6)
+  alone = [float(mask_loss(_model(mask_slots=2), roi_t._replace(labels=jnp.where(
+      jnp.arange(rows) == keep, labels, 0)), jax.random.key(0))) for keep in (1, 5)]
   assert np.isclose(both, np.mean(alone), rtol=1e-5) and not np.isclose(*alone)
   one_slot = {float(mask_loss(_model(mask_slots=1), roi_t, jax.random.key(k)))
               for k in range(12)}
   assert len(one_slot) == 2 and all(np.isclose(alone, v, rtol=1e-5).any() for v in one_slot)
   with pytest.raises(ValueError, match="mask_slots"):
     mask_loss(_model(mask_slots=0), roi_t, jax.random.key(0))
+
+
+def test_mask_chunks_give_the_loss_and_gradients_of_one_pass(variables):
+  """The mask branch in chunks of 1 slot, those without foreground skipped, equals one pass
+  over all the slots: loss and gradients of the mask head and of the FPN levels."""
+  batch, rows = 2, 16  # box_batch_size_per_image 16: 4 slots, 3 foreground at most
+  levels = [jax.random.normal(jax.random.key(i), (batch, SIZE // s, SIZE // s, 8))
+            for i, s in enumerate((4, 8, 16, 32))]
+  targets = _targets(batch, 2)
+  labels = jnp.zeros((batch, rows), jnp.int32).at[0, jnp.array([2, 7, 11])].set(
+      jnp.array([1, 3, 2])).at[1, 4].set(2)
+  roi_t = RoiTargets(boxes=jnp.tile(targets["boxes"][:, :2] + jnp.array([0., 1., 2., 0.]),
+                                    (1, rows // 2, 1)), labels=labels,
+                     box_targets=jnp.zeros((batch, rows, 4)),
+                     matched_idx=jnp.tile(jnp.arange(2, dtype=jnp.int32), (batch, rows // 2)),
+                     valid=jnp.ones((batch, rows), bool))
+
+  def loss_and_grads(chunk):
+    model = _model(box_batch_size_per_image=rows, mask_chunk=chunk)
+    assert model.mask_slot_count() == 4
+
+    def loss(params, levels):
+      return model.apply({**variables, "params": params}, levels, roi_t, targets,
+                         targets["boxes"], jax.random.key(4),
+                         method=lambda m, *a: m._mask_loss(*a))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables["params"], levels)
+
+  (one, (params_1, levels_1)), (chunked, (params_c, levels_c)) = map(loss_and_grads, (0, 1))
+  assert float(one) > 0
+  np.testing.assert_allclose(float(chunked), float(one), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves((params_c["mask_head"], levels_c)),
+                  jax.tree.leaves((params_1["mask_head"], levels_1))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  assert float(optax.global_norm(params_c["mask_head"])) > 0
+  with pytest.raises(ValueError, match="mask_chunk"):
+    loss_and_grads(-1)
 
 
 def test_faster_rcnn_has_no_mask_branch():

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax.ops.targets import match, roi_targets, rpn_targets, sample_balanced
+from segjax.ops.targets import (foreground_slots, match, roi_targets, rpn_targets,
+                                sample_balanced)
 from tests.torch_reference import import_torchvision
 
 
@@ -251,3 +252,30 @@ def test_targets_reject_bad_shapes():
     roi_targets(np.zeros((5, 4)), np.zeros((2, 4)), np.zeros(3, int), np.ones(2, bool), key)
   with pytest.raises(ValueError, match="positive_fraction"):
     sample_balanced(np.zeros(4, int), 2, 1.5, key)
+
+
+def test_foreground_slots_take_all_or_an_unbiased_subset():
+  """n <= slots: every foreground row, weight 1. n > slots: `slots` foreground rows, each drawn
+  with probability slots / n (checked over 4000 draws) and weighted n / slots."""
+  foreground = np.zeros(20, bool)
+  foreground[[1, 4, 5, 9, 12, 13, 18]] = True  # n = 7
+  draw = jax.jit(jax.vmap(lambda k, f: foreground_slots(f, 3, k), in_axes=(0, None)))
+  rows, taken, weights = map(np.asarray, draw(jax.random.split(jax.random.key(0), 4000),
+                                              foreground))
+  assert rows.shape == (4000, 3) and taken.all() and foreground[rows].all()
+  np.testing.assert_allclose(weights, 7 / 3, rtol=1e-6)
+  assert all(len(set(r)) == 3 for r in rows[:200])  # no row twice
+  frequency = np.bincount(rows.ravel(), minlength=20) / 4000
+  np.testing.assert_allclose(frequency[foreground], 3 / 7, atol=0.03)
+  assert not frequency[~foreground].any()
+
+  few = np.zeros(20, bool)
+  few[[2, 17]] = True
+  rows, taken, weights = map(np.asarray, draw(jax.random.split(jax.random.key(1), 5), few))
+  for r, t, w in zip(rows, taken, weights):
+    assert set(r[t]) == {2, 17} and t.sum() == 2 and not few[r[~t]].any()
+    np.testing.assert_array_equal(w, np.where(t, 1.0, 0.0))
+  rows, taken, weights = foreground_slots(np.zeros(5, bool), 8, jax.random.key(2))
+  assert rows.shape == (5,) and not np.asarray(taken).any() and not np.asarray(weights).any()
+  with pytest.raises(ValueError, match="slots"):
+    foreground_slots(few, 0, jax.random.key(0))
