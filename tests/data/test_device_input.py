@@ -47,20 +47,27 @@ def dataset():
                      thing_classes=shapes.THING_CLASSES)
 
 
-def _config(module, train_ops, eval_ops):
+def _config(module, train_ops, eval_ops, batch_size, eval_split, **options):
   config = module.get_config("smoke")
   with config.unlocked():
     config.data.train_ops, config.data.eval_ops = train_ops, eval_ops
-    config.data.eval_split = "validation"
-    config.data.batch_size = config.data.eval_batch_size = 8
+    config.data.eval_split = eval_split
+    config.data.batch_size = config.data.eval_batch_size = batch_size
     config.data.mean, config.data.std = (120.0, 110.5, 100.25), (60.0, 55.5, 50.75)
+    config.model.options.update(options)
   return config
 
 
+# name -> (config, devices): the U-Net sharded over the 8 devices as the trainer does;
+# Mask R-CNN (the smallest that runs) on one device, whose programs compile much faster.
 CONFIGS = {
-    "semantic": lambda: _config(unet_shapes, SEMANTIC_OPS, ""),
-    "instance": lambda: _config(maskrcnn_shapes, INSTANCE_OPS,
-                                "instance_masks|resize(scale=(48, 48))|pad(size=(64, 64))"),
+    "semantic": (lambda: _config(unet_shapes, SEMANTIC_OPS, "", 8, "validation"), 8),
+    "instance": (lambda: _config(
+        maskrcnn_shapes, INSTANCE_OPS, "instance_masks|resize(scale=(48, 48))|pad(size=(64, 64))",
+        2, "validation[:4]", fpn_channels=8, rpn_pre_nms_top_n_train=32,
+        rpn_post_nms_top_n_train=16, rpn_pre_nms_top_n_test=32, rpn_post_nms_top_n_test=16,
+        rpn_batch_size_per_image=16, box_batch_size_per_image=8, representation_size=16,
+        mask_channels=8, mask_num_convs=2, detections_per_img=6), 1),
 }
 
 
@@ -73,11 +80,13 @@ def _host_normalized(config, ops):
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def setup(request, dataset):
   """(config, task, model, initial state, shardings, mesh) of a tiny model of each task."""
-  config = CONFIGS[request.param]()
+  make_config, num_devices = CONFIGS[request.param]
+  config = make_config()
   task = get_task(config)
   model = task.build_model(config, dataset)
-  mesh = sharding.create_mesh((("data", -1),))
-  tx, schedule = optimizers.create_optimizer(config.optimizer, config.total_steps, None, 8)
+  mesh = sharding.create_mesh((("data", -1),), jax.devices()[:num_devices])
+  tx, schedule = optimizers.create_optimizer(config.optimizer, config.total_steps, None,
+                                             config.data.batch_size)
   ops = task.data_ops(config, config.data.train_ops, dataset)
   shape = pipeline.example_shapes(dataset.source("train"), ops, ("image",))["image"]
   state, shardings = create_train_state(model, tx, jax.random.key(0), (1,) + shape, mesh, ())
@@ -131,7 +140,8 @@ def test_train_step_equals_host_normalization(setup, dataset):
   ops = task.data_ops(config, config.data.train_ops, dataset)
   results = {}
   for name, pipe in (("uint8", ops), ("float32", _host_normalized(config, ops))):
-    batch = next(pipeline.train_iterator(dataset.source("train"), pipe, 8, seed=3,
+    batch = next(pipeline.train_iterator(dataset.source("train"), pipe,
+                                         config.data.batch_size, seed=3,
                                          keys=task.train_keys,
                                          optional_keys=task.optional_train_keys))
     assert batch["image"].dtype == np.dtype(name)
