@@ -8,7 +8,8 @@ sizes, short side 384-768 and aspect up to 1.6, PNG labels with 151 ids) into a
 temp dir, prepares it with the real `ade20k` builder, then runs the
 `configs/pspnet_ade20k.py` training pipeline (decode, reduce_zero_label,
 random resize of (2048, 512) by 0.5-2, 512x512 crop with cat_max_ratio 0.75,
-flip, photometric distortion, pad, normalize) through grain with 0..N worker
+flip, photometric distortion, pad; uint8 out, normalized on the device by the train
+step since benchmarks/device_input.py's change) through grain with 0..N worker
 processes. The reference is PyTorch's DataLoader running the same ops with the
 same number of workers. The train step is PSPNet-R50-D8's at 512x512 (batch 2,
 float32) on the same machine. `--json PATH` also writes the table as
@@ -137,7 +138,8 @@ def main():
              "usual sizes (short side 384-768, aspect up to 1.6; PNG labels with 151 ids) is "
              "prepared with the real `ade20k` builder; the configs/pspnet_ade20k.py training "
              "pipeline (decode, reduce_zero_label, random resize of (2048, 512) by 0.5-2, 512x512 "
-             "crop with cat_max_ratio 0.75, flip, photometric distortion, pad, normalize) runs in "
+             "crop with cat_max_ratio 0.75, flip, photometric distortion, pad; uint8 images, "
+             "normalized on the device by the train step) runs in "
              "grain with 2 reader threads per process and the given number of worker processes "
              f"(0: in the main process), batches of {args.batch}, timed over {args.batches} "
              "batches after the first. The reference is PyTorch's DataLoader running the same ops "

@@ -21,7 +21,10 @@ def colorize(labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -
 
 
 def denormalize(image: np.ndarray, mean, std) -> np.ndarray:
-  """Undoes `normalize` for display."""
+  """Undoes `normalize` for display; a uint8 image (what the pipelines give) is shown as
+  it is."""
+  if np.asarray(image).dtype == np.uint8:
+    return np.asarray(image)
   image = np.asarray(image, np.float32) * np.asarray(std) + np.asarray(mean)
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
 

@@ -10,22 +10,26 @@ import ml_collections
 import numpy as np
 
 from segjax import visualization
+from segjax.data import device
 from segjax.data.sources import DatasetSpec
 from segjax.ops import clip_boxes, paste_masks
 
 
 def detect_at_original_size(variables, batch: Dict[str, jax.Array], *, model,
-                            mask_threshold: float = 0.5,
-                            mask_size=None) -> Dict[str, jax.Array]:
+                            mask_threshold: float = 0.5, mask_size=None,
+                            mean=device.IMAGENET_MEAN,
+                            std=device.IMAGENET_STD) -> Dict[str, jax.Array]:
   """Detections of a batch in its ground truth's frame.
 
+  uint8 images are normalized with `mean` / `std` (`device.normalize`), their pixels
+  beyond the batch's `extent` (if any, (B, 2)) set to 0 after normalization.
   With `resized_size` / `original_size` (a test-time `resize(resize_labels=False)`),
   boxes are clipped to the resized image, scaled back to the original one and clipped
   again; masks are pasted at `mask_size` (static (H, W)), else the ground-truth
   masks' (padded) size, else the image's, as bool `probability > mask_threshold`
   (torchvision's rule).
   """
-  images = batch["image"]
+  images = device.normalize(batch["image"], mean, std, batch.get("extent"))
   resized = batch.get("resized_size")
   out = model.apply(variables, images, train=False, image_sizes=resized)
   boxes = out["boxes"]
@@ -42,9 +46,10 @@ def detect_at_original_size(variables, batch: Dict[str, jax.Array], *, model,
   return out
 
 
-def make_detect_fn(model, variable_shardings=None, batch_sharding=None):
+def make_detect_fn(model, variable_shardings=None, batch_sharding=None,
+                   mean=device.IMAGENET_MEAN, std=device.IMAGENET_STD):
   """The jitted `detect_at_original_size`: (variables, batch) -> detections."""
-  fn = functools.partial(detect_at_original_size, model=model)
+  fn = functools.partial(detect_at_original_size, model=model, mean=tuple(mean), std=tuple(std))
   if batch_sharding is None:
     return jax.jit(fn)
   return jax.jit(fn, in_shardings=(variable_shardings, batch_sharding),
@@ -65,41 +70,31 @@ def draw(image: np.ndarray, detections: Dict[str, np.ndarray], index: int,
 
 def panel(batch: Dict[str, np.ndarray], detections: Dict[str, np.ndarray],
           dataset: DatasetSpec, config: ml_collections.ConfigDict, count: int = 4) -> np.ndarray:
-  """A row of up to `count` eval images with their detections."""
-  mean, std = np.asarray(config.data.mean), np.asarray(config.data.std)
+  """A row of up to `count` eval images (uint8, or normalized float) with their
+  detections."""
   tiles = []
   for b in range(min(count, len(batch["image"]))):
-    image = np.clip(batch["image"][b] * std + mean, 0, 255).astype(np.uint8)
+    image = visualization.denormalize(batch["image"][b], config.data.mean, config.data.std)
     tiles.append(np.pad(draw(image, detections, b, dataset), ((0, 0), (0, 4), (0, 0))))
   return np.concatenate(tiles, axis=1)
-
-
-def padded_input(image: np.ndarray, mean, std, size_divisor: int = 32) -> np.ndarray:
-  """A uint8 RGB image as a model input [1, H', W', 3]: normalized, then zero-padded
-  bottom/right to multiples of `size_divisor` (as the `pad` op pads after `normalize`)."""
-  h, w = image.shape[:2]
-  ph, pw = (-(-n // size_divisor) * size_divisor for n in (h, w))
-  padded = np.zeros((1, ph, pw, 3), np.float32)
-  padded[0, :h, :w] = (image.astype(np.float32) - mean) / std
-  return padded
 
 
 class ImageDetector:
   """Detections of single RGB uint8 images of any size, in each image's own frame.
 
-  Each image is resized by `inference.scale` (keep-ratio, if set), normalized and
-  padded to a multiple of `size_divisor`; its boxes and pasted masks come back at its
+  Each image is resized by `inference.scale` (keep-ratio, if set), padded to a multiple
+  of `size_divisor` and normalized on the device, the padding 0 after normalization; its
+  boxes and pasted masks come back at its
   original size, as a dict of numpy arrays (one compile per distinct size).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model, variables,
                size_divisor: int = 32):
-    self._detect = jax.jit(functools.partial(detect_at_original_size, model=model),
-                           static_argnames="mask_size")
+    self._detect = jax.jit(functools.partial(
+        detect_at_original_size, model=model, mean=tuple(config.data.mean),
+        std=tuple(config.data.std)), static_argnames="mask_size")
     self._variables = variables
     self._scale = tuple(config.inference.scale)
-    self._mean = np.asarray(config.data.mean, np.float32)
-    self._std = np.asarray(config.data.std, np.float32)
     self._divisor = size_divisor
 
   def __call__(self, image: np.ndarray) -> Dict[str, np.ndarray]:
@@ -109,8 +104,8 @@ class ImageDetector:
     if min(self._scale) > 0:
       resized = transforms.resize(self._scale)({"image": image}, None)["image"]
     rh, rw = resized.shape[:2]
-    padded = padded_input(resized, self._mean, self._std, self._divisor)
-    batch = {"image": padded, "resized_size": np.int32([[rh, rw]]),
+    padded, extent = device.pad_image(resized, self._divisor)
+    batch = {"image": padded, "extent": extent, "resized_size": np.int32([[rh, rw]]),
              "original_size": np.int32([[h, w]])}
     out = jax.device_get(self._detect(self._variables, batch, mask_size=(h, w)))
     return {k: np.asarray(v)[0] for k, v in out.items()}

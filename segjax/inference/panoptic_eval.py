@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from segjax.data import device
 from segjax.data.sources import DatasetSpec
 from segjax.inference.panoptic import (heuristic_fusion, parameter_free_fusion,
                                        to_coco_panoptic)
@@ -23,12 +24,16 @@ from segjax.ops import paste_masks
 EVAL_KEYS = ("image", "panoptic", "segment_ids", "segment_classes", "segment_valid")
 
 
-def segment_images(variables, images: jax.Array, *, model, overlap_threshold: float = 0.5,
-                   stuff_area_threshold: int = 4096, instance_score_threshold: float = 0.5,
-                   unknown: bool = False) -> Dict[str, jax.Array]:
+def segment_images(variables, images: jax.Array, extent=None, *, model,
+                   overlap_threshold: float = 0.5, stuff_area_threshold: int = 4096,
+                   instance_score_threshold: float = 0.5, unknown: bool = False,
+                   mean=device.IMAGENET_MEAN, std=device.IMAGENET_STD) -> Dict[str, jax.Array]:
   """Panoptic segment maps [B, H, W] of a batch (0 void, detection slot i -> i + 1, stuff
-  class s -> D + 1 + s), with each detection's `classes` and `scores`."""
-  out = model.apply(variables, images, train=False)
+  class s -> D + 1 + s), with each detection's `classes` and `scores`.
+
+  uint8 images are normalized with `mean` / `std` (`device.normalize`), pixels beyond
+  `extent` ((B, 2) real height and width, if given) 0 after normalization."""
+  out = model.apply(variables, device.normalize(images, mean, std, extent), train=False)
   size = images.shape[1:3]
   semantic = upsample_logits(out["semantic"], size)
   if model.fusion == "heuristic":
@@ -55,7 +60,8 @@ def make_segment_fn(model, config: ml_collections.ConfigDict, variable_shardings
   fn = functools.partial(segment_images, model=model, overlap_threshold=fusion.overlap_threshold,
                          stuff_area_threshold=fusion.stuff_area_threshold,
                          instance_score_threshold=fusion.instance_score_threshold,
-                         unknown=fusion.unknown)
+                         unknown=fusion.unknown, mean=tuple(config.data.mean),
+                         std=tuple(config.data.std))
   if batch_sharding is None:
     return jax.jit(fn)
   return jax.jit(fn, in_shardings=(variable_shardings, batch_sharding),

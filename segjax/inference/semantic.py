@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.data import device
 from segjax.data.transforms import keep_ratio_size
 from segjax.inference.original_size import bilinear_source_index
 
@@ -178,7 +179,8 @@ class SemanticPredictor:
       logits at the input size, or at its centre with `output_is_center_crop`).
     variables: its variables ({"params": ..., "batch_stats": ...}).
     num_classes: C, checked against the model's logits.
-    mean, std: per-RGB-channel normalization, as in the `normalize` op.
+    mean, std: per-RGB-channel normalization, done on the device exactly as the
+      `normalize` op does it on the host (`segjax.data.device.normalize`).
     mode: "whole" or "slide" (see the module docstring).
     scale: mmseg's test Resize target (w, h) with keep_ratio, e.g. (2048, 512);
       None keeps the image's size.
@@ -233,8 +235,7 @@ class SemanticPredictor:
     self.window = _pair(window, "window", 1)
     self.stride = _pair(stride, "stride", 1)
     self.window_batch = int(window_batch)
-    self._mean = np.asarray(mean, np.float32)
-    self._std = np.asarray(std, np.float32)
+    self._mean, self._std = tuple(mean), tuple(std)
     self._variables = jax.device_put(variables)
     self._cache = {}
     self.crf = dict(crf) if crf is not None else None
@@ -326,10 +327,8 @@ class SemanticPredictor:
     """Logits of uint8 images (B, h, w, 3), normalized and zeroed beyond the
     first `valid` (2,) rows and columns; `tile` is the logits' expected (h, w)
     (default: the input's, or in slide mode the tile)."""
-    x = (images.astype(jnp.float32) - self._mean) / self._std
-    rows = jnp.arange(images.shape[1]) < valid[0]
-    cols = jnp.arange(images.shape[2]) < valid[1]
-    x = jnp.where(rows[None, :, None, None] & cols[None, None, :, None], x, 0.0)
+    extent = jnp.broadcast_to(valid, (images.shape[0], 2))
+    x = device.normalize(images, self._mean, self._std, extent)
     logits = self.model.apply(variables, x, train=False)
     if tile is None:
       tile = self._tile if self.mode == "slide" else images.shape[1:3]

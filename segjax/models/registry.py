@@ -31,7 +31,8 @@ def check_images(images, model: str, multiple_of: int = 1) -> None:
                      f"got shape {tuple(images.shape)}.")
   if images.dtype.kind != "f":
     raise ValueError(f"Expected normalized floating-point images, got dtype {images.dtype}; "
-                     "add 'normalize' to the preprocessing ops.")
+                     "normalize uint8 images first with segjax.data.device.normalize (as the "
+                     "train, eval and predict steps do).")
   if images.shape[1] % multiple_of or images.shape[2] % multiple_of:
     raise ValueError(f"{model} needs height and width divisible by {multiple_of}, got "
                      f"{images.shape[1]}x{images.shape[2]}; pad or crop the images.")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segjax.data import transforms
+from segjax.data import device, transforms
 from segjax.data.sources import DatasetSpec
 from segjax.layers import conv_lowering
 from segjax.models import MODELS, build_model
@@ -48,7 +48,8 @@ class Evaluator(abc.ABC):
   DatasetEvaluator, big_vision's evaluators).
 
   `evaluate(variables)` runs the loop: `reset()`, then for each of `inputs()`
-  `update(inputs, predict(variables, inputs))`, then `result()`. `table(result)` is
+  `update(inputs, predict(variables, to_device(inputs)))`, then `result()`, putting each
+  item on the devices (`to_device`) while the one before it runs. `table(result)` is
   what the console shows, `scalars(result)` what TensorBoard logs, `panel()` an
   image of the first batch's predictions (or None).
   """
@@ -66,9 +67,14 @@ class Evaluator(abc.ABC):
   def inputs(self) -> Iterable[Any]:
     """The split's batches (or images), this process's share."""
 
+  def to_device(self, inputs: Any) -> Any:
+    """What `predict` gets for one item of `inputs()`: the item itself by default; batched
+    evaluators start its transfer to the devices here, one item ahead of `predict`."""
+    return inputs
+
   @abc.abstractmethod
   def predict(self, variables: Variables, inputs: Any) -> Any:
-    """The model's outputs for one item of `inputs()`."""
+    """The model's outputs for `to_device(item)` of one item of `inputs()`."""
 
   @abc.abstractmethod
   def update(self, inputs: Any, outputs: Any) -> None:
@@ -94,8 +100,9 @@ class Evaluator(abc.ABC):
     """Runs the whole split through the model and returns `result()`."""
     self.reset()
     with conv_lowering.lowering(self.conv_lowering_mode):  # read when the steps trace
-      for inputs in self.inputs():
-        self.update(inputs, self.predict(variables, inputs))
+      items = device.prefetch_to_device(self.inputs(), 2, lambda x: (x, self.to_device(x)))
+      for inputs, on_device in items:
+        self.update(inputs, self.predict(variables, on_device))
     return self.result()
 
 
@@ -140,18 +147,22 @@ class Task(abc.ABC):
   def extra_ops(self, config: ml_collections.ConfigDict, dataset: DatasetSpec) -> Tuple[
       List[Any], List[Any]]:
     """(ops before the configured ones, ops after them) that this task adds, as
-    op objects (`transforms.resize(...)`); normalization comes last."""
+    op objects (`transforms.resize(...)`)."""
     del config, dataset
     return [], []
 
   def data_ops(self, config: ml_collections.ConfigDict, ops: str,
                dataset: DatasetSpec) -> transforms.Pipeline:
-    """The pipeline of a split: input checks, the task's own ops, the configured `ops`,
-    normalization."""
+    """The pipeline of a split: input checks, the task's own ops, the configured `ops`.
+
+    Images stay uint8 (labels keep the dtype they are stored in, uint8 for every
+    builder here; a label map of more than 256 ids must be stored wider, and stays so):
+    the jitted steps normalize them on the device with config.data.mean / std
+    (`segjax.data.device.normalize`), bit for bit as the `normalize` op did on the host.
+    """
     before, after = self.extra_ops(config, dataset)
     return transforms.compose(
-        transforms.squeeze_labels(), transforms.check_image(), *before, ops, *after,
-        transforms.normalize(mean=tuple(config.data.mean), std=tuple(config.data.std)))
+        transforms.squeeze_labels(), transforms.check_image(), *before, ops, *after)
 
   def validate(self, config: ml_collections.ConfigDict) -> None:
     """Raises ValueError (one sentence) for settings this task cannot honour."""

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from segjax import paths
-from segjax.data import pipeline
+from segjax.data import device, pipeline
 from segjax.data import transforms
 from segjax.data.sources import DatasetSpec
 from segjax.inference import instances
@@ -26,17 +26,19 @@ from segjax.tasks.semantic import DEFAULT_LOSS
 EVAL_OPTIONAL_KEYS = ("is_crowd", "masks")
 
 
-def objective(*, model, loss_weights: Dict[str, float]) -> Objective:
+def objective(*, model, loss_weights: Dict[str, float], mean=device.IMAGENET_MEAN,
+              std=device.IMAGENET_STD) -> Objective:
   """The weighted sum of a two-stage detector's losses (weight 1 where `loss_weights`
-  has none). The batch carries `image` and the padded instance rows (`boxes`, `classes`,
-  `instance_valid`, optional `is_crowd`, and `masks` or `box_masks`). Micro-batches
-  weigh the same."""
+  has none). The batch carries `image` (uint8, normalized on the device with `mean` /
+  `std`) and the padded instance rows (`boxes`, `classes`, `instance_valid`, optional
+  `is_crowd`, and `masks` or `box_masks`). Micro-batches weigh the same."""
   loss_weights = dict(loss_weights)
 
   def fn(params, batch_stats, micro, rng):
     targets = {k: v for k, v in micro.items() if k != "image"}
+    images = device.normalize(micro["image"], mean, std)
     losses, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, micro["image"], targets, rng,
+        {"params": params, "batch_stats": batch_stats}, images, targets, rng,
         train=True, mutable=["batch_stats"], method="losses")
     losses = float32_tree(losses)
     total = sum(loss_weights.get(name, 1.0) * value for name, value in losses.items())
@@ -70,7 +72,8 @@ class CocoInstanceEvaluator(Evaluator):
     self.config, self.dataset, self.ops = config, dataset, ops
     self.source = dataset.source(config.data.eval_split)
     self.batch_sharding = batch_sharding
-    self._detect = instances.make_detect_fn(model, variable_shardings, batch_sharding)
+    self._detect = instances.make_detect_fn(model, variable_shardings, batch_sharding,
+                                            config.data.mean, config.data.std)
     self.reset()
 
   def reset(self) -> None:
@@ -83,10 +86,11 @@ class CocoInstanceEvaluator(Evaluator):
                                  self.dataset.ignore_index, keys=pipeline.INSTANCE_KEYS,
                                  optional_keys=EVAL_OPTIONAL_KEYS)
 
+  def to_device(self, inputs):
+    return device.put(inputs, self.batch_sharding)
+
   def predict(self, variables, inputs):
-    batch = (inputs if self.batch_sharding is None
-             else pipeline.to_global(inputs, self.batch_sharding))
-    return pipeline.to_host(self._detect(variables, batch))
+    return pipeline.to_host(self._detect(variables, inputs))
 
   def update(self, inputs, outputs) -> None:
     truth = pipeline.to_host(inputs)
@@ -161,7 +165,8 @@ class DetectionTask(Task):
     return thing_ops(dataset), []
 
   def objective(self, config, model, dataset) -> Objective:
-    return objective(model=model, loss_weights=dict(config.loss.detection))
+    return objective(model=model, loss_weights=dict(config.loss.detection),
+                     mean=tuple(config.data.mean), std=tuple(config.data.std))
 
 
 @TASKS.register("instance")

@@ -12,10 +12,9 @@ from typing import Any, Dict, List
 import numpy as np
 
 from segjax import paths
-from segjax.data import pipeline
+from segjax.data import device, pipeline
 from segjax.data import transforms
 from segjax.inference import panoptic_eval
-from segjax.inference.instances import padded_input
 from segjax.inference.panoptic import write_coco_panoptic
 from segjax.metrics.panoptic import PQAccumulator, format_pq_table, rgb_to_id
 from segjax.tasks.base import TASKS, Evaluator, PredictionWriter, finite_scalars, with_lowering
@@ -47,11 +46,11 @@ class PQEvaluator(Evaluator):
                                  self.dataset.ignore_index, keys=panoptic_eval.EVAL_KEYS,
                                  optional_keys=("segment_is_crowd",))
 
+  def to_device(self, inputs):
+    return device.put(inputs["image"], self.batch_sharding)
+
   def predict(self, variables, inputs):
-    images = {"image": inputs["image"]}
-    if self.batch_sharding is not None:
-      images = pipeline.to_global(images, self.batch_sharding)
-    return pipeline.to_host(self._segment(variables, images["image"]))
+    return pipeline.to_host(self._segment(variables, inputs))
 
   def update(self, inputs, outputs) -> None:
     truth = pipeline.to_host({k: v for k, v in inputs.items() if k != "image"})
@@ -95,13 +94,11 @@ class PanopticSegmenter:
   def __init__(self, config, model, variables):
     self._segment = panoptic_eval.make_segment_fn(model, config)
     self._variables = variables
-    self._mean = np.asarray(config.data.mean, np.float32)
-    self._std = np.asarray(config.data.std, np.float32)
 
   def __call__(self, image: np.ndarray) -> Dict[str, np.ndarray]:
     h, w = image.shape[:2]
-    found = pipeline.to_host(self._segment(self._variables,
-                                           padded_input(image, self._mean, self._std)))
+    # Padded to a multiple of 32 with zeros after normalization (on the device).
+    found = pipeline.to_host(self._segment(self._variables, *device.pad_image(image)))
     return {"segments": found["segments"][0, :h, :w], "classes": found["classes"][0],
             "scores": found["scores"][0]}
 

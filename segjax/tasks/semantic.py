@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from segjax import paths, visualization
-from segjax.data import pipeline
+from segjax.data import device, pipeline
 from segjax.data import transforms
 from segjax.data.sources import DatasetSpec
 from segjax.inference import per_image, predict_at_original_size
@@ -49,10 +49,12 @@ DEFAULT_LOSS = ({"name": "cross_entropy", "weight": 1.0},)
 
 
 def objective(*, model: nn.Module, ignore_index: int, loss_fn=None, class_weights=None,
-              aux_weight: float = 0.4) -> Objective:
+              aux_weight: float = 0.4, mean=device.IMAGENET_MEAN,
+              std=device.IMAGENET_STD) -> Objective:
   """The per-pixel loss of `model`'s logits (and of its `aux_logits`, times `aux_weight`).
 
-  `loss_fn` is `segjax.losses.build_loss(spec)` (default: cross-entropy). A batch may
+  `loss_fn` is `segjax.losses.build_loss(spec)` (default: cross-entropy). uint8 images are
+  normalized with `mean` / `std` on the device first (`device.normalize`). A batch may
   carry `pixel_weights` (e.g. U-Net's weight map) for the terms that take them. Logits
   are cast to float32 before the loss (bf16 models). Micro-batches are weighted by their
   valid label pixels: the large-batch gradient of a per-pixel mean loss.
@@ -63,7 +65,8 @@ def objective(*, model: nn.Module, ignore_index: int, loss_fn=None, class_weight
     labels = micro["label"].astype(jnp.int32)
     pixel_weights = micro.get("pixel_weights")
     outputs, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
+        {"params": params, "batch_stats": batch_stats},
+        device.normalize(micro["image"], mean, std), train=True,
         mutable=["batch_stats"], rngs={"dropout": rng})
     if not isinstance(outputs, dict):
       outputs = {"logits": outputs}
@@ -91,13 +94,15 @@ def objective(*, model: nn.Module, ignore_index: int, loss_fn=None, class_weight
 
 
 def eval_step(variables: Variables, batch: Dict[str, jax.Array], *, model: nn.Module,
-              num_classes: int, ignore_index: int):
+              num_classes: int, ignore_index: int, mean=device.IMAGENET_MEAN,
+              std=device.IMAGENET_STD):
   """(confusion matrix of the batch, predictions).
 
-  With `resized_size` and `original_size` in the batch (a test-time resize that
+  uint8 images are normalized with `mean` / `std` here (`device.normalize`). With
+  `resized_size` and `original_size` in the batch (a test-time resize that
   kept the labels at their original size) predictions are made at that size.
   """
-  logits = model.apply(variables, batch["image"], train=False)
+  logits = model.apply(variables, device.normalize(batch["image"], mean, std), train=False)
   labels = batch["label"].astype(jnp.int32)
   if "original_size" in batch:
     predictions = predict_at_original_size(logits, batch["resized_size"],
@@ -140,7 +145,8 @@ class BatchedSemanticEvaluator(SemanticEvaluator):
     super().__init__(config, dataset)
     self.ops, self.batch_sharding = ops, batch_sharding
     step = functools.partial(eval_step, model=model, num_classes=dataset.num_classes,
-                             ignore_index=dataset.ignore_index)
+                             ignore_index=dataset.ignore_index, mean=tuple(config.data.mean),
+                             std=tuple(config.data.std))
     if batch_sharding is None:
       self._step = jax.jit(step)
     else:
@@ -157,10 +163,11 @@ class BatchedSemanticEvaluator(SemanticEvaluator):
     return pipeline.eval_batches(self.source, self.ops, self.config.data.eval_batch_size,
                                  self.dataset.ignore_index)
 
+  def to_device(self, inputs):
+    return device.put(inputs, self.batch_sharding)
+
   def predict(self, variables, inputs):
-    batch = (inputs if self.batch_sharding is None
-             else pipeline.to_global(inputs, self.batch_sharding))
-    return self._step(variables, batch)
+    return self._step(variables, inputs)
 
   def update(self, inputs, outputs) -> None:
     confusion, predictions = outputs
@@ -257,7 +264,8 @@ class SemanticTask(Task):
                        f"{dataset.name!r} has {dataset.num_classes} classes.")
     return objective(model=model, ignore_index=dataset.ignore_index,
                      loss_fn=build_loss(config.loss.terms), class_weights=class_weights,
-                     aux_weight=config.loss.aux_weight)
+                     aux_weight=config.loss.aux_weight, mean=tuple(config.data.mean),
+                     std=tuple(config.data.std))
 
   def evaluator(self, config, dataset, model, *, variable_shardings=None,
                 batch_sharding=None, progress: bool = True) -> Evaluator:

@@ -17,6 +17,7 @@ non-finite loss or gradient norm stops the run before anything of it is saved
 (`optimizer.nonfinite="skip"` skips such steps instead).
 """
 import functools
+import itertools
 import json
 import os
 import time
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from segjax import paths
 from segjax.convert import resolve_init_from
-from segjax.data import pipeline
+from segjax.data import device, pipeline
 from segjax.data.sources import get_dataset
 from segjax.tasks import get_task, variables_of
 from segjax.training import checkpointing, interrupts, optimizers, sharding, steps
@@ -108,6 +109,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       train_source, train_ops, config.data.batch_size, config.seed, config.data.num_threads,
       config.data.num_workers, task.train_keys, task.optional_train_keys,
       start_step=start_step)
+  # uint8 batches, each put on the devices while the step before it runs.
+  batches = device.prefetch_to_device(
+      itertools.islice(train_iter, max(config.total_steps - start_step, 0)), 2,
+      sharding=batch_sharding)
   train_fn = jax.jit(
       functools.partial(steps.train_step, objective=objective, tx=tx, schedule=schedule,
                         **options),
@@ -163,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     pending = None  # (step, metrics) whose finiteness is checked one step late
     with interrupts.StopRequest() as stop:
       for step in range(start_step + 1, config.total_steps + 1):
-        batch = pipeline.to_global(next(train_iter), batch_sharding)
+        batch = next(batches)
         profiler.before(step)
         state, metrics = train_fn(state, batch, dropout_rng)
         profiler.after(step, state)

@@ -61,7 +61,13 @@ def photometric_distortion(brightness_delta: float = 32,
 
 @register_op("normalize")
 def normalize(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)) -> Op:
-  """image -> float32 (image - mean) / std per RGB channel (ImageNet defaults)."""
+  """image -> float32 (image - mean) / std per RGB channel (ImageNet defaults).
+
+  The task pipelines no longer end with it: they ship uint8 images (a quarter of the
+  bytes) and the jitted steps normalize them on the device with config.data.mean / std,
+  bit for bit as this op does (`segjax.data.device.normalize`). A pipeline that still
+  ends with it sends float32 images, which the steps take as normalized already.
+  """
   _check(isinstance(mean, (tuple, list)) and len(mean) == 3 and
          all(_is_number(v) for v in mean), "normalize", "mean", "3 numbers", mean)
   _check(isinstance(std, (tuple, list)) and len(std) == 3 and
