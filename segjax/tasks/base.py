@@ -174,6 +174,11 @@ class Task(abc.ABC):
       raise ValueError(f"{self.name} model {config.model.name!r} does not use "
                        f"{', '.join(ignored)}; remove the setting(s), which would be ignored.")
 
+  def init_from_arch(self, config: ml_collections.ConfigDict) -> Optional[str]:
+    """The converter of a `model.init_from` PyTorch file whose name does not say: the
+    model's backbone (ImageNet encoder weights), if it has one."""
+    return config.model.options.get("backbone")
+
   def prediction_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config predict.py labels single images with (this one, by default)."""
     return config

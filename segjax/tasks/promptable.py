@@ -406,6 +406,10 @@ class PromptableTask(Task):
     del config, dataset
     return transforms.compose(transforms.squeeze_labels(), transforms.check_image(), ops)
 
+  def init_from_arch(self, config) -> str:
+    """An official SAM file (sam_vit_b_01ec64.pth) converts as its variant's checkpoint."""
+    return f"sam_{config.model.options.get('variant', 'vit_b')}"
+
   def ignored_settings(self, config) -> List[str]:
     ignored = []
     if config.inference.crf.enabled:

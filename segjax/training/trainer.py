@@ -74,7 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   options = steps.step_options(config, mesh)
   # Pretrained weights first: a failed download stops the run before any data is prepared.
   init_from = config.model.init_from and resolve_init_from(
-      config.model.init_from, config.model.options.get("backbone"))
+      config.model.init_from, task.init_from_arch(config))
   dataset = get_dataset(config.data.name, config.data.data_dir, config.data.manual_dir)
   param_rules = sharding.param_rules(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh.batch_axes)

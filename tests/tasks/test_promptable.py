@@ -242,3 +242,16 @@ def test_frozen_encoder_gets_no_gradient():
   norm = lambda tree: float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
   assert norm(grads["image_encoder"]) == 0.0
   assert norm(grads["mask_decoder"]) > 0.0
+
+
+def test_official_checkpoint_names_pick_the_variants_converter():
+  from segjax.convert.pretrained import _arch
+  from segjax.tasks import get_task
+  for variant in ("vit_b", "vit_l", "vit_h"):
+    config = sam_vit_b.get_config()
+    config.unlock()
+    config.model.options.variant = variant
+    arch = get_task(config).init_from_arch(config)
+    assert arch == f"sam_{variant}"
+    # the official file names carry an underscore-joined hash, which the name rule misses
+    assert _arch({}, f"sam_{variant}_01ec64.pth", arch, "x") == arch
