@@ -1,0 +1,161 @@
+"""Bucketed whole-image evaluation gives exactly the confusion matrix of the paths it
+replaces, on a small ADE20K-shaped split (images of several aspect ratios, resized
+keeping the ratio as the recipe does, at 1/8 of its scale), with few compiled shapes."""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from configs import pspnet_ade20k
+from segjax.data.sources import DatasetSpec
+from segjax.inference import buckets as buckets_lib
+from segjax.tasks import get_task
+from segjax.tasks.semantic import BucketedSemanticEvaluator
+
+NUM_CLASSES = 6
+# ADE20K-like (h, w): landscape and portrait 4:3, square, 3:2, wide, a large one; 1/8 scale.
+SIZES = [(64, 85), (85, 64), (64, 64), (48, 64), (60, 80), (64, 85), (47, 62), (64, 96),
+         (75, 100), (40, 120), (85, 64)]
+SCALE = (256, 64)  # the recipe's (2048, 512) / 8
+
+
+def _records():
+  rng = np.random.default_rng(0)
+  records = []
+  for h, w in SIZES:
+    yy, xx = np.mgrid[:h, :w]
+    label = ((yy * 3 // h) * 2 + (xx * 2 // w)) % NUM_CLASSES  # blocks of classes
+    label[rng.random((h, w)) < 0.05] = 255  # some ignored pixels
+    base = np.stack([label * 40, 255 - label * 30, (label * 70) % 256], -1)
+    image = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    records.append({"image": image, "label": label.astype(np.uint8)[..., None]})
+  return records
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  records = _records()
+  return DatasetSpec(name="ade20k_shaped", class_names=tuple(f"c{i}" for i in range(NUM_CLASSES)),
+                     palette=np.arange(NUM_CLASSES * 3, dtype=np.uint8).reshape(-1, 3),
+                     ignore_index=255, splits=("validation",),
+                     open_split=lambda split: records)
+
+
+def _config(**inference):
+  config = pspnet_ade20k.get_config("smoke")
+  config.unlock()
+  config.data.eval_batch_size = 4
+  config.inference.scale = SCALE
+  config.inference.exact_shapes = False
+  config.inference.size_divisor = 0
+  config.data.eval_ops = ("resize(scale=(256, 64), resize_labels=False)|"
+                          "pad(size=(256, 256), label_size=(128, 128))")
+  for key, value in inference.items():
+    config.inference[key] = value
+  config.lock()
+  return config
+
+
+@pytest.fixture(scope="module")
+def pspnet(dataset):
+  """The smoke PSPNet (dilated ResNet-18 layout at width 8, pyramid pooling) with random
+  but trained-looking (non-degenerate) weights."""
+  config = _config()
+  model = get_task(config).build_model(config, dataset)
+  variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32), train=False)
+  return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def _evaluate(config, dataset, model, variables):
+  task = get_task(config)
+  task.validate(config)
+  evaluator = task.evaluator(config, dataset, model, progress=False)
+  evaluator.evaluate(variables)
+  return evaluator, evaluator.confusion.copy()
+
+
+def _valid_pixels():
+  return sum(int((r["label"] != 255).sum()) for r in _records())
+
+
+def test_exact_buckets_equal_the_exact_per_image_path(dataset, pspnet):
+  """size_divisor=1 (no padding) with exact_shapes: the recipe's mmseg-exact path."""
+  per_image, reference = _evaluate(_config(mode="whole", exact_shapes=True), dataset, *pspnet)
+  bucketed, confusion = _evaluate(_config(mode="whole", exact_shapes=True, size_divisor=1),
+                                  dataset, *pspnet)
+  assert isinstance(bucketed, BucketedSemanticEvaluator)
+  assert not isinstance(per_image, BucketedSemanticEvaluator)
+  assert reference.sum() == _valid_pixels()
+  np.testing.assert_array_equal(confusion, reference)
+  # One model shape per distinct resized size, each compiled once for both evaluations.
+  resized = {(64, 85), (85, 64), (64, 64), (64, 84), (64, 96), (64, 192)}
+  assert {k[1:] for k in bucketed.compiled if k[0] == "model"} == resized
+  assert bucketed._forward._cache_size() == len(resized)
+  bucketed.evaluate(pspnet[1])
+  assert bucketed._forward._cache_size() == len(resized)
+  np.testing.assert_array_equal(bucketed.confusion, reference)
+
+
+def test_padded_buckets_equal_the_padded_whole_image_path(dataset, pspnet):
+  """size_divisor=32: the padding `SemanticPredictor` gives whole images without
+  exact_shapes, in batches."""
+  _, reference = _evaluate(_config(mode="whole"), dataset, *pspnet)
+  bucketed, confusion = _evaluate(_config(mode="whole", size_divisor=32), dataset, *pspnet)
+  np.testing.assert_array_equal(confusion, reference)
+  assert {k[1:] for k in bucketed.compiled if k[0] == "model"} == {
+      (64, 96), (96, 64), (64, 64), (64, 192)}
+
+
+class Pointwise(nn.Module):
+  """Logits of each pixel from that pixel alone: any padding leaves them unchanged."""
+  num_classes: int = NUM_CLASSES
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return nn.Conv(self.num_classes, (1, 1))(nn.tanh(nn.Conv(16, (1, 1))(x)))
+
+
+def test_buckets_equal_the_old_batched_path_whatever_the_padding(dataset):
+  """Against today's `data.eval_ops` path (every image padded to one static shape, labels
+  scored at the original size): with a model the padding cannot change, the confusion
+  matrices are equal, so grouping, blank slots, label canvases and the resize back to
+  the original size lose and double-count nothing."""
+  model = Pointwise()
+  variables = dict(model.init(jax.random.key(1), np.zeros((1, 8, 8, 3), np.float32)))
+  variables["batch_stats"] = {}
+  _, reference = _evaluate(_config(mode="batched"), dataset, model, variables)
+  assert reference.sum() == _valid_pixels()
+  explicit = ((64, 96), (96, 64), (64, 192))
+  for options in ({"size_divisor": 1}, {"size_divisor": 32}, {"buckets": explicit}):
+    bucketed, confusion = _evaluate(_config(mode="whole", **options), dataset, model,
+                                    variables)
+    np.testing.assert_array_equal(confusion, reference, err_msg=str(options))
+  assert {k[1:] for k in bucketed.compiled if k[0] == "model"} <= set(explicit)
+
+
+def test_plan_groups_by_bucket_and_covers_every_image():
+  buckets = buckets_lib.Buckets(shapes=((512, 1024), (512, 512), (1024, 512)))
+  sizes = [(512, 683), (512, 512), (683, 512), (512, 683), (384, 512), (512, 683)]
+  batches = buckets_lib.plan(sizes, buckets, 2)
+  assert batches == [((512, 512), (1, 4)), ((512, 1024), (0, 3)), ((512, 1024), (5,)),
+                     ((1024, 512), (2,))]
+  assert buckets_lib.padded_pixels(batches, 2) == 2 * (512 * 512 + 3 * 512 * 1024)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"mode": "slide", "size_divisor": 32}, "inference.mode=whole"),
+    ({"mode": "whole", "size_divisor": 32, "exact_shapes": True}, "size_divisor=1"),
+    ({"mode": "whole", "size_divisor": 32, "flip": True}, "one pass"),
+    ({"mode": "whole", "size_divisor": 32, "buckets": ((64, 64),)}, "not both"),
+    ({"mode": "whole", "buckets": ((64, 0),)}, "positive integers"),
+])
+def test_bucket_settings_are_checked(override, message):
+  with pytest.raises(ValueError, match=message):
+    get_task(_config(**override)).validate(_config(**override))
+
+
+def test_an_image_larger_than_every_bucket_is_named(dataset, pspnet):
+  config = _config(mode="whole", buckets=((64, 96), (96, 64)))
+  with pytest.raises(ValueError, match="192.*fits none of inference.buckets"):
+    _evaluate(config, dataset, *pspnet)
