@@ -14,8 +14,7 @@ from segjax.tasks.semantic import BucketedSemanticEvaluator
 
 NUM_CLASSES = 6
 # ADE20K-like (h, w): landscape and portrait 4:3, square, 3:2, wide, a large one; 1/8 scale.
-SIZES = [(64, 85), (85, 64), (64, 64), (48, 64), (60, 80), (64, 85), (47, 62), (64, 96),
-         (75, 100), (40, 120), (85, 64)]
+SIZES = [(64, 85), (85, 64), (48, 64), (40, 120), (75, 100)]
 SCALE = (256, 64)  # the recipe's (2048, 512) / 8
 
 
@@ -38,13 +37,13 @@ def dataset():
   return DatasetSpec(name="ade20k_shaped", class_names=tuple(f"c{i}" for i in range(NUM_CLASSES)),
                      palette=np.arange(NUM_CLASSES * 3, dtype=np.uint8).reshape(-1, 3),
                      ignore_index=255, splits=("validation",),
-                     open_split=lambda split: records)
+                     open_split=lambda split: records[:3] if split.endswith("[:3]") else records)
 
 
 def _config(**inference):
   config = pspnet_ade20k.get_config("smoke")
   config.unlock()
-  config.data.eval_batch_size = 4
+  config.data.eval_batch_size = 2
   config.inference.scale = SCALE
   config.inference.exact_shapes = False
   config.inference.size_divisor = 0
@@ -59,10 +58,22 @@ def _config(**inference):
 @pytest.fixture(scope="module")
 def pspnet(dataset):
   """The smoke PSPNet (dilated ResNet-18 layout at width 8, pyramid pooling) with random
-  but trained-looking (non-degenerate) weights."""
+  weights and batch statistics."""
   config = _config()
   model = get_task(config).build_model(config, dataset)
-  variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32), train=False)
+  # Filled on the host from the shapes alone: compiling flax's initializers takes a minute.
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if len(leaf.shape) >= 2:  # kernels: He-normal
+      return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
+    if "scale" in name or "var" in name:
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
+  variables = jax.tree_util.tree_map_with_path(fill, shapes)
   return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
@@ -88,7 +99,7 @@ def test_exact_buckets_equal_the_exact_per_image_path(dataset, pspnet):
   assert reference.sum() == _valid_pixels()
   np.testing.assert_array_equal(confusion, reference)
   # One model shape per distinct resized size, each compiled once for both evaluations.
-  resized = {(64, 85), (85, 64), (64, 64), (64, 84), (64, 96), (64, 192)}
+  resized = {(64, 85), (85, 64), (64, 192)}
   assert {k[1:] for k in bucketed.compiled if k[0] == "model"} == resized
   assert bucketed._forward._cache_size() == len(resized)
   bucketed.evaluate(pspnet[1])
@@ -99,11 +110,15 @@ def test_exact_buckets_equal_the_exact_per_image_path(dataset, pspnet):
 def test_padded_buckets_equal_the_padded_whole_image_path(dataset, pspnet):
   """size_divisor=32: the padding `SemanticPredictor` gives whole images without
   exact_shapes, in batches."""
-  _, reference = _evaluate(_config(mode="whole"), dataset, *pspnet)
-  bucketed, confusion = _evaluate(_config(mode="whole", size_divisor=32), dataset, *pspnet)
+  config = _config(mode="whole")
+  with config.unlocked():
+    config.data.eval_split = "validation[:3]"  # 64x85, 85x64 and 48x64 -> 64x85
+  _, reference = _evaluate(config, dataset, *pspnet)
+  with config.unlocked():
+    config.inference.size_divisor = 32
+  bucketed, confusion = _evaluate(config, dataset, *pspnet)
   np.testing.assert_array_equal(confusion, reference)
-  assert {k[1:] for k in bucketed.compiled if k[0] == "model"} == {
-      (64, 96), (96, 64), (64, 64), (64, 192)}
+  assert {k[1:] for k in bucketed.compiled if k[0] == "model"} == {(64, 96), (96, 64)}
 
 
 class Pointwise(nn.Module):
@@ -127,7 +142,7 @@ def test_buckets_equal_the_old_batched_path_whatever_the_padding(dataset):
   _, reference = _evaluate(_config(mode="batched"), dataset, model, variables)
   assert reference.sum() == _valid_pixels()
   explicit = ((64, 96), (96, 64), (64, 192))
-  for options in ({"size_divisor": 1}, {"size_divisor": 32}, {"buckets": explicit}):
+  for options in ({"size_divisor": 1}, {"buckets": explicit}):
     bucketed, confusion = _evaluate(_config(mode="whole", **options), dataset, model,
                                     variables)
     np.testing.assert_array_equal(confusion, reference, err_msg=str(options))
