@@ -5,8 +5,9 @@ Padding every test image to one static shape that fits them all (2048x2048 for
 ADE20K's keep-ratio resize to (2048, 512)) spends most of the work on padding: a
 typical 512x683 image is 1/12 of it. Instead each image, after the test resize, is
 padded bottom/right to its *bucket*, the images are grouped by bucket and each
-batch holds images of one bucket only (a partial last batch is filled with blank
-slots that count for nothing). A bucket is either
+batch holds images of one bucket only (a bucket's partial last batch runs at the
+smallest power-of-two batch that holds it, its free slots blank, counting for
+nothing). A bucket is either
 
 * the resized shape rounded up to a multiple of `size_divisor` (mmseg's `Pad`
   `size_divisor`, detectron2's `size_divisibility`; 1 means no padding at all, one
@@ -14,8 +15,8 @@ slots that count for nothing). A bucket is either
 * the smallest (by area, then height) of an explicit list of `shapes` that holds
   the image: the number of compiled shapes is then at most the list's length.
 
-The model program is compiled once per bucket; `BucketPlan` says in advance which
-batches there will be, so the count is known before anything runs.
+The model program is compiled once per bucket and batch size (at most
+1 + log2(batch size) per bucket); `plan` says in advance which batches there will be.
 """
 from typing import Dict, List, NamedTuple, Sequence, Tuple
 
@@ -70,14 +71,24 @@ class Buckets:
 
   @property
   def bound(self):
-    """The most model shapes these buckets can compile (None: one per distinct size)."""
+    """The most bucket shapes (None: one per distinct size); each compiles once per batch
+    size it is run at."""
     return len(self.shapes) if self.shapes else None
 
 
 class Batch(NamedTuple):
-  """One batch of a plan: its bucket and the (process-local) record indices in it."""
+  """One batch of a plan: its bucket, the (process-local) record indices in it and its
+  number of slots (the records, then blank slots)."""
   shape: Shape
   indices: Tuple[int, ...]
+  slots: int
+
+
+def slots_for(count: int, batch_size: int) -> int:
+  """Slots of a batch of `count` records: `batch_size`, or for a bucket's last, partial
+  batch the smallest power of two >= count (at most `batch_size`), so blank slots cost
+  less than the records and each bucket compiles at most 1 + log2(batch_size) shapes."""
+  return min(batch_size, 1 << (count - 1).bit_length())
 
 
 def plan(sizes: Sequence[Shape], buckets: Buckets, batch_size: int) -> List[Batch]:
@@ -89,11 +100,14 @@ def plan(sizes: Sequence[Shape], buckets: Buckets, batch_size: int) -> List[Batc
   groups: Dict[Shape, List[int]] = {}
   for i, (h, w) in enumerate(sizes):
     groups.setdefault(buckets(h, w), []).append(i)
-  return [Batch(shape, tuple(members[start:start + batch_size]))
-          for shape, members in sorted(groups.items())
-          for start in range(0, len(members), batch_size)]
+  batches = []
+  for shape, members in sorted(groups.items()):
+    for start in range(0, len(members), batch_size):
+      indices = tuple(members[start:start + batch_size])
+      batches.append(Batch(shape, indices, slots_for(len(indices), batch_size)))
+  return batches
 
 
-def padded_pixels(batches: Sequence[Batch], batch_size: int) -> int:
+def padded_pixels(batches: Sequence[Batch]) -> int:
   """Pixels the model sees over a plan (blank slots of partial batches included)."""
-  return sum(batch_size * h * w for (h, w), _ in batches)
+  return sum(batch.slots * batch.shape[0] * batch.shape[1] for batch in batches)

@@ -235,11 +235,13 @@ class PerImageSemanticEvaluator(SemanticEvaluator):
 class BucketedSemanticEvaluator(SemanticEvaluator):
   """Whole-image evaluation at each image's original resolution, as
   `PerImageSemanticEvaluator` computes it, but in batches of `data.eval_batch_size`
-  images of one size bucket (segjax/inference/buckets.py): every image is resized as
+  images of one size bucket (segjax/inference/buckets.py; a bucket's last batch at the
+  smallest power of two that holds it): every image is resized as
   `inference.scale` says, padded bottom/right to its bucket (zeros after
   normalization, as `SemanticPredictor` pads) and the logits of its valid region are
-  resized back to its original size. One model program is compiled per bucket and one
-  scoring program per (bucket, label canvas); both counts are logged. With
+  resized back to its original size. One model program is compiled per (batch size,
+  bucket) and one scoring program per (batch size, bucket, label canvas); both counts
+  are logged. With
   `size_divisor=1` nothing is padded and the predictions are the exact-shapes
   per-image path's (mmseg's); with `size_divisor=32` they are the padded whole-image
   path's. No panel.
@@ -257,7 +259,7 @@ class BucketedSemanticEvaluator(SemanticEvaluator):
     # own plan, so several processes each evaluate on their own devices' copy).
     self.batch_sharding = batch_sharding if jax.process_count() == 1 else None
     self.plan: Optional[List[buckets_lib.Batch]] = None
-    self.compiled = set()  # ("model", bucket) and ("score", bucket, label canvas) keys
+    self.compiled = set()  # ("model", B, h, w) and ("score", B, h, w, canvas h, w)
     mean, std = np.float32(config.data.mean), np.float32(config.data.std)
     num_classes, ignore_index = dataset.num_classes, dataset.ignore_index
 
@@ -299,7 +301,7 @@ class BucketedSemanticEvaluator(SemanticEvaluator):
     sizes = [resized_size(h, w, self.scale) for h, w in shapes.to_iter_dataset(read)]
     batches = buckets_lib.plan(sizes, self.buckets, self.batch_size)
     real = sum(h * w for h, w in sizes)
-    padded = buckets_lib.padded_pixels(batches, self.batch_size)
+    padded = buckets_lib.padded_pixels(batches)
     logging.info("Bucketed evaluation: %d images in %d batches of %d over %d size buckets; "
                  "the model sees %.2fx the images' pixels.", len(sizes), len(batches),
                  self.batch_size, len({b.shape for b in batches}), padded / max(real, 1))
@@ -315,35 +317,35 @@ class BucketedSemanticEvaluator(SemanticEvaluator):
                                                          prefetch_buffer_size=8)))
     for batch in tqdm(self.plan, unit="batch",
                       disable=not self.progress or jax.process_index() != 0):
-      yield self._assemble(batch.shape, [next(it) for _ in batch.indices])
+      yield self._assemble(batch, [next(it) for _ in batch.indices])
 
-  def _assemble(self, shape, examples) -> Dict[str, np.ndarray]:
-    """One batch: images padded to the bucket `shape`, labels (ignore_index beyond each
+  def _assemble(self, batch, examples) -> Dict[str, np.ndarray]:
+    """The planned `batch`: images padded to its bucket, labels (ignore_index beyond each
     image) to a canvas holding the largest original size rounded up to 128; blank slots
     (size 0, labels all ignored) fill a partial batch."""
-    size = self.batch_size
+    size, shape = batch.slots, batch.shape
     canvas = tuple(buckets_lib.round_up(max(e["label"].shape[i] for e in examples), 128)
                    for i in (0, 1))
     label_dtype = examples[0]["label"].dtype
     if not np.can_cast(np.min_scalar_type(self.dataset.ignore_index), label_dtype):
       label_dtype = np.int32
-    batch = {"image": np.zeros((size,) + tuple(shape) + (3,), np.uint8),
+    arrays = {"image": np.zeros((size,) + tuple(shape) + (3,), np.uint8),
              "label": np.full((size,) + canvas, self.dataset.ignore_index, label_dtype),
              "valid": np.zeros((size, 2), np.int32),
              "original_size": np.zeros((size, 2), np.int32)}
     for j, example in enumerate(examples):
       (h, w), (oh, ow) = example["image"].shape[:2], example["label"].shape
-      batch["image"][j, :h, :w] = example["image"]
-      batch["label"][j, :oh, :ow] = example["label"]
-      batch["valid"][j], batch["original_size"][j] = (h, w), (oh, ow)
-    return batch
+      arrays["image"][j, :h, :w] = example["image"]
+      arrays["label"][j, :oh, :ow] = example["label"]
+      arrays["valid"][j], arrays["original_size"][j] = (h, w), (oh, ow)
+    return arrays
 
   def predict(self, variables, inputs):
-    if (self.batch_sharding is not None and
-        self.batch_size % self.batch_sharding.mesh.size == 0):
+    slots = inputs["image"].shape[0]
+    if self.batch_sharding is not None and slots % self.batch_sharding.mesh.size == 0:
       inputs = jax.device_put(inputs, self.batch_sharding)
-    bucket, canvas = inputs["image"].shape[1:3], inputs["label"].shape[1:3]
-    self.compiled.update({("model",) + bucket, ("score",) + bucket + canvas})
+    model, canvas = inputs["image"].shape[:3], inputs["label"].shape[1:3]
+    self.compiled.update({("model",) + model, ("score",) + model + canvas})
     logits = self._forward(variables, inputs["image"], inputs["valid"])
     return self._score(logits, inputs["valid"], inputs["original_size"], inputs["label"])
 
@@ -353,9 +355,10 @@ class BucketedSemanticEvaluator(SemanticEvaluator):
   def result(self) -> Dict[str, Any]:
     models = sum(key[0] == "model" for key in self.compiled)
     bound = self.buckets.bound
-    logging.info("Bucketed evaluation: %d model shapes compiled (%s), %d scoring shapes.",
-                 models, f"at most {bound}" if bound else "one per distinct resized size",
-                 len(self.compiled) - models)
+    logging.info("Bucketed evaluation: %d model shapes compiled (%s buckets, batch sizes "
+                 "%s), %d scoring shapes.", models,
+                 f"at most {bound}" if bound else "one per distinct resized size",
+                 sorted({key[1] for key in self.compiled}), len(self.compiled) - models)
     confusion = self.confusion
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils

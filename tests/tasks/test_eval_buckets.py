@@ -98,12 +98,13 @@ def test_exact_buckets_equal_the_exact_per_image_path(dataset, pspnet):
   assert not isinstance(per_image, BucketedSemanticEvaluator)
   assert reference.sum() == _valid_pixels()
   np.testing.assert_array_equal(confusion, reference)
-  # One model shape per distinct resized size, each compiled once for both evaluations.
-  resized = {(64, 85), (85, 64), (64, 192)}
-  assert {k[1:] for k in bucketed.compiled if k[0] == "model"} == resized
-  assert bucketed._forward._cache_size() == len(resized)
+  # One model shape per distinct resized size and batch (three 64x85: a batch of 2 and
+  # one of 1), each compiled once for both evaluations.
+  models = {(2, 64, 85), (1, 64, 85), (1, 85, 64), (1, 64, 192)}
+  assert {k[1:] for k in bucketed.compiled if k[0] == "model"} == models
+  assert bucketed._forward._cache_size() == len(models)
   bucketed.evaluate(pspnet[1])
-  assert bucketed._forward._cache_size() == len(resized)
+  assert bucketed._forward._cache_size() == len(models)
   np.testing.assert_array_equal(bucketed.confusion, reference)
 
 
@@ -118,7 +119,7 @@ def test_padded_buckets_equal_the_padded_whole_image_path(dataset, pspnet):
     config.inference.size_divisor = 32
   bucketed, confusion = _evaluate(config, dataset, *pspnet)
   np.testing.assert_array_equal(confusion, reference)
-  assert {k[1:] for k in bucketed.compiled if k[0] == "model"} == {(64, 96), (96, 64)}
+  assert {k[1:] for k in bucketed.compiled if k[0] == "model"} == {(2, 64, 96), (1, 96, 64)}
 
 
 class Pointwise(nn.Module):
@@ -146,16 +147,19 @@ def test_buckets_equal_the_old_batched_path_whatever_the_padding(dataset):
     bucketed, confusion = _evaluate(_config(mode="whole", **options), dataset, model,
                                     variables)
     np.testing.assert_array_equal(confusion, reference, err_msg=str(options))
-  assert {k[1:] for k in bucketed.compiled if k[0] == "model"} <= set(explicit)
+  assert {k[2:] for k in bucketed.compiled if k[0] == "model"} <= set(explicit)
 
 
 def test_plan_groups_by_bucket_and_covers_every_image():
   buckets = buckets_lib.Buckets(shapes=((512, 1024), (512, 512), (1024, 512)))
   sizes = [(512, 683), (512, 512), (683, 512), (512, 683), (384, 512), (512, 683)]
   batches = buckets_lib.plan(sizes, buckets, 2)
-  assert batches == [((512, 512), (1, 4)), ((512, 1024), (0, 3)), ((512, 1024), (5,)),
-                     ((1024, 512), (2,))]
-  assert buckets_lib.padded_pixels(batches, 2) == 2 * (512 * 512 + 3 * 512 * 1024)
+  assert batches == [((512, 512), (1, 4), 2), ((512, 1024), (0, 3), 2),
+                     ((512, 1024), (5,), 1), ((1024, 512), (2,), 1)]
+  assert buckets_lib.padded_pixels(batches) == 2 * 512 * 512 + 4 * 512 * 1024
+  # A bucket's last batch runs at the smallest power of two that holds it.
+  assert [buckets_lib.slots_for(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+  assert [b.slots for b in buckets_lib.plan([(512, 512)] * 11, buckets, 8)] == [8, 4]
 
 
 @pytest.mark.parametrize("override, message", [
