@@ -206,7 +206,8 @@ def main():
                 "keeping the ratio to (2048, 512) as the recipe tests; buckets in batches of "
                 f"{args.batch} (a bucket's last batch at the smallest power of two that holds "
                 "it), the blank slots counted."),
-      "wall": (f"CPU seconds to evaluate {len(sizes)} of those images ({shown}; random labels) with "
+      "wall": (f"CPU seconds to evaluate {len(sizes)} of those images ({shown}; random labels) "
+               "with "
                f"PSPNet-R50-D8 at backbone width {args.width}, head {args.head} channels "
                f"(random weights), evaluation batch {args.batch}, through segjax's evaluators "
                "in one process; 1st run compiles, 2nd is the steady cost."),
