@@ -47,7 +47,7 @@ CASES = {
                        ["sliding_window.py", "--sizes", "1024x2048", "--window-batch", "1,4",
                         "--repeats", "2"]),
     "eval_buckets": ("ADE20K-shaped evaluation: one 2048x2048 shape against size buckets",
-                     ["eval_buckets.py", "--images", "6", "--batch", "4", "--width", "8"]),
+                     ["eval_buckets.py", "--images", "4", "--batch", "1", "--width", "8"]),
 }
 
 
