@@ -134,7 +134,8 @@ def get_config() -> ml_collections.ConfigDict:
   # test-resized image is padded bottom/right to a multiple of it (1: not padded, one
   # compiled shape per distinct resized size; with exact_shapes, mmseg's predictions);
   # buckets: (h, w) shapes, each image padded to the smallest that holds it (at most
-  # len(buckets) compiled shapes). 0 and () = one image at a time.
+  # len(buckets) bucket shapes). 0 and () = one image at a time, as are test-time
+  # augmentation and the CRF.
   config.inference.size_divisor = 0
   config.inference.buckets = ()
   # Dense CRF refinement of whole/slide predictions (segjax/classical/crf.py; DeepLab's

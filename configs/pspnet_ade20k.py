@@ -17,8 +17,7 @@ images of the same resized size (`inference.size_divisor=1`, nothing padded: one
 compiled shape per distinct resized size). `--config.inference.exact_shapes=False
 --config.inference.size_divisor=64` (or `inference.buckets`) bounds the compiled
 shapes at the price of padding; `data.eval_ops` is the old batched alternative
-(every image padded to 2048x2048) for `--config.inference.mode=batched
---config.inference.size_divisor=0`.
+(every image padded to 2048x2048) for `--config.inference.mode=batched`.
 
 Variants: `` (the full recipe; needs ADE20K), `160k`, and `smoke`: the same
 PSPNet scaled down (ResNet-18 layout at width 8, 16-channel PPM branches) on the

@@ -382,18 +382,9 @@ class SemanticTask(Task):
     if config.inference.mode == "batched" and per_image.crf_options(config) is not None:
       raise ValueError("The dense CRF (--crf, inference.crf) refines one image at a time; "
                        "add --config.inference.mode=whole (or slide).")
-    if bucketed(config):
-      buckets_lib.Buckets(config.inference.size_divisor, tuple(config.inference.buckets))
-      inference = config.inference
-      if inference.mode != "whole":
-        raise ValueError(f"inference.size_divisor / inference.buckets batch whole-image "
-                         f"evaluation, but inference.mode is {inference.mode!r}; set "
-                         "inference.mode=whole or size_divisor=0 and buckets=().")
-      if (per_image.crf_options(config) is not None or inference.flip or
-          tuple(inference.scales) != (1.0,)):
-        raise ValueError("Bucketed evaluation (inference.size_divisor / inference.buckets) "
-                         "runs one pass without CRF; for test-time augmentation or the CRF "
-                         "set size_divisor=0 and buckets=() (one image at a time).")
+    inference = config.inference
+    if inference.get("size_divisor", 0) or inference.get("buckets", ()):
+      buckets_lib.Buckets(inference.size_divisor, tuple(inference.buckets))
       if inference.exact_shapes and (inference.buckets or inference.size_divisor != 1):
         raise ValueError("inference.exact_shapes runs the model on unpadded images: with it "
                          "use inference.size_divisor=1 and no inference.buckets, or set "
@@ -425,6 +416,10 @@ class SemanticTask(Task):
                                       batch_sharding)
     if bucketed(config):
       return BucketedSemanticEvaluator(config, dataset, model, progress, batch_sharding)
+    if config.inference.mode == "whole" and (config.inference.size_divisor or
+                                             config.inference.buckets):
+      logging.info("Test-time augmentation and the CRF run one image at a time: "
+                   "inference.size_divisor / inference.buckets are not used.")
     return PerImageSemanticEvaluator(config, dataset, model, progress)
 
   def predictor(self, config, dataset, model, variables):
@@ -437,9 +432,13 @@ class SemanticTask(Task):
 
 
 def bucketed(config) -> bool:
-  """Whether evaluation batches whole images by size bucket (`BucketedSemanticEvaluator`)."""
+  """Whether evaluation batches whole images by size bucket (`BucketedSemanticEvaluator`):
+  inference.size_divisor or inference.buckets set, in whole mode, one pass without CRF
+  (test-time augmentation and the CRF stay one image at a time, with the same results)."""
   inference = config.inference
-  return bool(inference.get("size_divisor", 0) or inference.get("buckets", ()))
+  return (bool(inference.get("size_divisor", 0) or inference.get("buckets", ()))
+          and inference.mode == "whole" and not inference.flip
+          and tuple(inference.scales) == (1.0,) and per_image.crf_options(config) is None)
 
 
 class LabelMapWriter(PredictionWriter):

@@ -163,15 +163,23 @@ def test_plan_groups_by_bucket_and_covers_every_image():
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"mode": "slide", "size_divisor": 32}, "inference.mode=whole"),
     ({"mode": "whole", "size_divisor": 32, "exact_shapes": True}, "size_divisor=1"),
-    ({"mode": "whole", "size_divisor": 32, "flip": True}, "one pass"),
     ({"mode": "whole", "size_divisor": 32, "buckets": ((64, 64),)}, "not both"),
     ({"mode": "whole", "buckets": ((64, 0),)}, "positive integers"),
+    ({"mode": "whole", "size_divisor": -1}, ">= 0"),
 ])
 def test_bucket_settings_are_checked(override, message):
   with pytest.raises(ValueError, match=message):
     get_task(_config(**override)).validate(_config(**override))
+
+
+@pytest.mark.parametrize("override", [{"flip": True}, {"scales": (0.5, 1.0)},
+                                      {"mode": "slide"}])
+def test_augmented_and_sliding_evaluation_stay_per_image(dataset, pspnet, override):
+  config = _config(**{"mode": "whole", "size_divisor": 32, **override})
+  get_task(config).validate(config)
+  evaluator = get_task(config).evaluator(config, dataset, pspnet[0], progress=False)
+  assert not isinstance(evaluator, BucketedSemanticEvaluator)
 
 
 def test_an_image_larger_than_every_bucket_is_named(dataset, pspnet):
