@@ -186,3 +186,15 @@ def test_an_image_larger_than_every_bucket_is_named(dataset, pspnet):
   config = _config(mode="whole", buckets=((64, 96), (96, 64)))
   with pytest.raises(ValueError, match="192.*fits none of inference.buckets"):
     _evaluate(config, dataset, *pspnet)
+
+
+def test_confusion_of_uint8_labels_with_many_classes():
+  """uint8 labels (as datasets decode them) of 150 classes: label * 150 must not wrap."""
+  from segjax.metrics import confusion_matrix
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 150, (40, 50)).astype(np.uint8)
+  predictions = rng.integers(0, 150, (40, 50)).astype(np.int32)
+  expected = np.zeros((150, 150), np.int64)
+  np.add.at(expected, (labels.astype(np.int64), predictions), 1)
+  np.testing.assert_array_equal(np.asarray(confusion_matrix(predictions, labels, 150, 255)),
+                                expected)
