@@ -52,6 +52,8 @@ CASES = {
     "sam": ("Segment Anything ViT-B inference against segment_anything",
             ["sam.py", "--variant", "vit_b", "--size", "1024", "--queries", "64", "--repeats",
              "2"]),
+    "eval_buckets": ("ADE20K-shaped evaluation: one 2048x2048 shape against size buckets",
+                     ["eval_buckets.py", "--images", "4", "--batch", "1", "--width", "8"]),
 }
 
 

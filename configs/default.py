@@ -129,6 +129,15 @@ def get_config() -> ml_collections.ConfigDict:
   # whole/slide: run the model on exactly the resized image / windows clipped to it, as
   # mmseg does (no padding; one compilation per distinct shape), so predictions are mmseg's.
   config.inference.exact_shapes = False
+  # whole mode, evaluation only: batches of data.eval_batch_size images of one size bucket
+  # instead of one image at a time (segjax/inference/buckets.py). size_divisor > 0: each
+  # test-resized image is padded bottom/right to a multiple of it (1: not padded, one
+  # compiled shape per distinct resized size; with exact_shapes, mmseg's predictions);
+  # buckets: (h, w) shapes, each image padded to the smallest that holds it (at most
+  # len(buckets) bucket shapes). 0 and () = one image at a time, as are test-time
+  # augmentation and the CRF.
+  config.inference.size_divisor = 0
+  config.inference.buckets = ()
   # Dense CRF refinement of whole/slide predictions (segjax/classical/crf.py; DeepLab's
   # post-processing), also `--crf` of eval.py and predict.py. window > 0: the local
   # approximation with that radius over stride x stride cells; 0: exact (small images).

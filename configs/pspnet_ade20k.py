@@ -12,8 +12,12 @@ power 0.9 to 1e-4; batch 16. Data: label 0 -> ignore, random resize of (2048,
 512) by 0.5-2.0, 512x512 crop with cat_max_ratio 0.75, flip, photometric
 distortion, pad. Test: mmseg's whole-image inference exactly (`inference.mode`
 "whole", `exact_shapes`): resize keeping the ratio to (2048, 512), logits
-resized back to each image's original size. `data.eval_ops` is the batched
-(padded, not mmseg-exact) alternative for `--config.inference.mode=batched`.
+resized back to each image's original size; in batches of `data.eval_batch_size`
+images of the same resized size (`inference.size_divisor=1`, nothing padded: one
+compiled shape per distinct resized size). `--config.inference.exact_shapes=False
+--config.inference.size_divisor=64` (or `inference.buckets`) bounds the compiled
+shapes at the price of padding; `data.eval_ops` is the old batched alternative
+(every image padded to 2048x2048) for `--config.inference.mode=batched`.
 
 Variants: `` (the full recipe; needs ADE20K), `160k`, and `smoke`: the same
 PSPNet scaled down (ResNet-18 layout at width 8, 16-channel PPM branches) on the
@@ -51,6 +55,7 @@ def get_config(variant: str = ""):
 
   config.inference.mode = "whole"  # mmseg's test_cfg mode
   config.inference.exact_shapes = True
+  config.inference.size_divisor = 1  # batches of one resized size (segjax/inference/buckets.py)
   config.inference.scale = (2048, 512)  # the recipe's test resize (w, h)
   config.inference.label_ops = "reduce_zero_label"
 
@@ -79,7 +84,7 @@ def get_config(variant: str = ""):
 
 def shapes_smoke(config) -> None:
   """The smoke variant's data and schedule: 40 steps from scratch on the embedded
-  segjax_shapes data, evaluated image by image (whole, exact shapes) at the original size."""
+  segjax_shapes data, evaluated whole (exact shapes, batched by size) at the original size."""
   config.model.init_from = ""
   config.inference.label_ops = ""
   # From scratch, 40 steps: a larger learning rate than the recipe's.

@@ -7,7 +7,8 @@ classes. Data: random resize of (2048, 1024) by 0.5-2.0, 512x1024 crop with
 cat_max_ratio 0.75, flip, photometric distortion, pad; SGD lr 0.01, momentum
 0.9, wd 5e-4, poly 0.9 to 1e-4, batch 8. Test: mmseg's whole-image inference
 exactly, the image resized keeping its ratio to (2048, 1024) (every Cityscapes
-image is 2048x1024 already, so it stays as it is).
+image is 2048x1024 already, so it stays as it is), in batches of 4 of that one
+shape (`inference.size_divisor=1`).
 
 Data: `cityscapes` needs leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip
 in the manual dir (see README). Variants: `` (80k), `40k`, `smoke` (the same

@@ -14,7 +14,9 @@ import numpy as np
 
 def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int,
                      ignore_index: int = 255) -> jax.Array:
-  """(num_classes, num_classes) int32 counts of (label, prediction) pairs."""
+  """(num_classes, num_classes) int32 counts of (label, prediction) pairs. Labels and
+  predictions are taken as int32 (uint8 labels times num_classes would wrap around)."""
+  labels, predictions = labels.astype(jnp.int32), predictions.astype(jnp.int32)
   valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
   index = jnp.where(valid, labels * num_classes + predictions, 0).reshape(-1)
   counts = jnp.zeros((num_classes * num_classes,), jnp.int32)

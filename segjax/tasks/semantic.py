@@ -2,18 +2,23 @@
 
 Trained with the configured per-pixel loss terms (plus an auxiliary head's, weighted),
 scored with mmseg's metrics from a confusion matrix: in static batches through
-`data.eval_ops` (inference.mode "batched") or one image at a time at its original
-size (modes "whole" and "slide", `SemanticPredictor`).
+`data.eval_ops` (inference.mode "batched"), one image at a time at its original
+size (modes "whole" and "slide", `SemanticPredictor`), or whole-image in batches of
+one size bucket each (mode "whole" with `inference.size_divisor` or
+`inference.buckets`, `BucketedSemanticEvaluator`).
 """
 import functools
 from typing import Any, Dict, List, Optional
 
+import cv2
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
@@ -21,7 +26,9 @@ from segjax import paths, visualization
 from segjax.data import device, pipeline
 from segjax.data import transforms
 from segjax.data.sources import DatasetSpec
+from segjax.inference import buckets as buckets_lib
 from segjax.inference import per_image, predict_at_original_size
+from segjax.inference.semantic import resized_size
 from segjax.layers import resize_bilinear
 from segjax.losses import build_loss
 from segjax.metrics import confusion_matrix, format_iou_table, segmentation_metrics
@@ -231,6 +238,140 @@ class PerImageSemanticEvaluator(SemanticEvaluator):
     return segmentation_metrics(confusion)
 
 
+class BucketedSemanticEvaluator(SemanticEvaluator):
+  """Whole-image evaluation at each image's original resolution, as
+  `PerImageSemanticEvaluator` computes it, but in batches of `data.eval_batch_size`
+  images of one size bucket (segjax/inference/buckets.py; a bucket's last batch at the
+  smallest power of two that holds it): every image is resized as
+  `inference.scale` says, padded bottom/right to its bucket (zeros after
+  normalization, as `SemanticPredictor` pads) and the logits of its valid region are
+  resized back to its original size. One model program is compiled per (batch size,
+  bucket) and one scoring program per (batch size, bucket, label canvas); both counts
+  are logged. With
+  `size_divisor=1` nothing is padded and the predictions are the exact-shapes
+  per-image path's (mmseg's); with `size_divisor=32` they are the padded whole-image
+  path's. No panel.
+  """
+
+  def __init__(self, config, dataset, model, progress: bool = True, batch_sharding=None):
+    super().__init__(config, dataset)
+    inference = config.inference
+    self.buckets = buckets_lib.Buckets(inference.size_divisor, tuple(inference.buckets))
+    self.scale = tuple(inference.scale) if min(inference.scale) > 0 else None
+    self.batch_size = pipeline.local_batch_size(config.data.eval_batch_size)
+    self.prepare = per_image.label_pipeline(config, dataset)
+    self.progress = progress
+    # One process: batches are split over the mesh's batch axis (every process has its
+    # own plan, so several processes each evaluate on their own devices' copy).
+    self.batch_sharding = batch_sharding if jax.process_count() == 1 else None
+    self.plan: Optional[List[buckets_lib.Batch]] = None
+    self.compiled = set()  # ("model", B, h, w) and ("score", B, h, w, canvas h, w)
+    mean, std = np.float32(config.data.mean), np.float32(config.data.std)
+    num_classes, ignore_index = dataset.num_classes, dataset.ignore_index
+
+    def forward(variables, images, valid):
+      x = (images.astype(jnp.float32) - mean) / std
+      rows = jnp.arange(images.shape[1])[None] < valid[:, :1]
+      cols = jnp.arange(images.shape[2])[None] < valid[:, 1:]
+      x = jnp.where((rows[:, :, None] & cols[:, None, :])[..., None], x, 0.0)
+      logits = model.apply(variables, x, train=False)
+      expected = images.shape[:3] + (num_classes,)
+      if tuple(logits.shape) != expected:
+        raise ValueError(f"{type(model).__name__} gave logits of shape {logits.shape} for "
+                         f"inputs {images.shape}; bucketed evaluation expects {expected} "
+                         "(logits at the input size); use inference.mode=slide.")
+      return logits.astype(jnp.float32)
+
+    def score(logits, valid, original, labels):
+      predictions = predict_at_original_size(logits, valid, original, labels.shape[1:3])
+      return confusion_matrix(predictions, labels.astype(jnp.int32), num_classes,
+                              ignore_index)
+
+    self._forward, self._score = jax.jit(forward), jax.jit(score)
+
+  def _example(self, record):
+    """The record's labels at the original size and its image resized for the model."""
+    example = self.prepare(record, np.random.default_rng(0))
+    image = example["image"]
+    height, width = image.shape[:2]
+    size = resized_size(height, width, self.scale)
+    if size != (height, width):
+      image = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)
+    return {"image": image, "label": example["label"]}
+
+  def _make_plan(self, source) -> List[buckets_lib.Batch]:
+    """The batches of this process's records, from their image sizes (read once per
+    evaluator: the split does not change between evaluations)."""
+    shapes = grain.MapDataset.source(source).map(lambda r: np.shape(r["image"])[:2])
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+    sizes = [resized_size(h, w, self.scale) for h, w in shapes.to_iter_dataset(read)]
+    batches = buckets_lib.plan(sizes, self.buckets, self.batch_size)
+    real = sum(h * w for h, w in sizes)
+    padded = buckets_lib.padded_pixels(batches)
+    logging.info("Bucketed evaluation: %d images in %d batches of %d over %d size buckets; "
+                 "the model sees %.2fx the images' pixels.", len(sizes), len(batches),
+                 self.batch_size, len({b.shape for b in batches}), padded / max(real, 1))
+    return batches
+
+  def inputs(self):
+    source = pipeline.process_slice(self.source)
+    if self.plan is None:
+      self.plan = self._make_plan(source)
+    order = [i for batch in self.plan for i in batch.indices]
+    examples = grain.MapDataset.source(order).map(lambda i: self._example(source[i]))
+    it = iter(examples.to_iter_dataset(grain.ReadOptions(num_threads=2,
+                                                         prefetch_buffer_size=8)))
+    for batch in tqdm(self.plan, unit="batch",
+                      disable=not self.progress or jax.process_index() != 0):
+      yield self._assemble(batch, [next(it) for _ in batch.indices])
+
+  def _assemble(self, batch, examples) -> Dict[str, np.ndarray]:
+    """The planned `batch`: images padded to its bucket, labels (ignore_index beyond each
+    image) to a canvas holding the largest original size rounded up to 128; blank slots
+    (size 0, labels all ignored) fill a partial batch."""
+    size, shape = batch.slots, batch.shape
+    canvas = tuple(buckets_lib.round_up(max(e["label"].shape[i] for e in examples), 128)
+                   for i in (0, 1))
+    label_dtype = examples[0]["label"].dtype
+    if not np.can_cast(np.min_scalar_type(self.dataset.ignore_index), label_dtype):
+      label_dtype = np.int32
+    arrays = {"image": np.zeros((size,) + tuple(shape) + (3,), np.uint8),
+             "label": np.full((size,) + canvas, self.dataset.ignore_index, label_dtype),
+             "valid": np.zeros((size, 2), np.int32),
+             "original_size": np.zeros((size, 2), np.int32)}
+    for j, example in enumerate(examples):
+      (h, w), (oh, ow) = example["image"].shape[:2], example["label"].shape
+      arrays["image"][j, :h, :w] = example["image"]
+      arrays["label"][j, :oh, :ow] = example["label"]
+      arrays["valid"][j], arrays["original_size"][j] = (h, w), (oh, ow)
+    return arrays
+
+  def predict(self, variables, inputs):
+    slots = inputs["image"].shape[0]
+    if self.batch_sharding is not None and slots % self.batch_sharding.mesh.size == 0:
+      inputs = jax.device_put(inputs, self.batch_sharding)
+    model, canvas = inputs["image"].shape[:3], inputs["label"].shape[1:3]
+    self.compiled.update({("model",) + model, ("score",) + model + canvas})
+    logits = self._forward(variables, inputs["image"], inputs["valid"])
+    return self._score(logits, inputs["valid"], inputs["original_size"], inputs["label"])
+
+  def update(self, inputs, outputs) -> None:
+    self.confusion += np.asarray(jax.device_get(outputs), np.int64)
+
+  def result(self) -> Dict[str, Any]:
+    models = sum(key[0] == "model" for key in self.compiled)
+    bound = self.buckets.bound
+    logging.info("Bucketed evaluation: %d model shapes compiled (%s buckets, batch sizes "
+                 "%s), %d scoring shapes.", models,
+                 f"at most {bound}" if bound else "one per distinct resized size",
+                 sorted({key[1] for key in self.compiled}), len(self.compiled) - models)
+    confusion = self.confusion
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      confusion = multihost_utils.process_allgather(confusion).sum(0)
+    return segmentation_metrics(confusion)
+
+
 @TASKS.register("semantic")
 class SemanticTask(Task):
   """Per-pixel classification into the dataset's classes."""
@@ -247,6 +388,13 @@ class SemanticTask(Task):
     if config.inference.mode == "batched" and per_image.crf_options(config) is not None:
       raise ValueError("The dense CRF (--crf, inference.crf) refines one image at a time; "
                        "add --config.inference.mode=whole (or slide).")
+    inference = config.inference
+    if inference.get("size_divisor", 0) or inference.get("buckets", ()):
+      buckets_lib.Buckets(inference.size_divisor, tuple(inference.buckets))
+      if inference.exact_shapes and (inference.buckets or inference.size_divisor != 1):
+        raise ValueError("inference.exact_shapes runs the model on unpadded images: with it "
+                         "use inference.size_divisor=1 and no inference.buckets, or set "
+                         "exact_shapes=False to pad to buckets.")
 
   def prediction_config(self, config):
     """"batched" evaluation needs trained-size batches: single images run "whole"."""
@@ -273,6 +421,12 @@ class SemanticTask(Task):
       ops = self.data_ops(config, config.data.eval_ops, dataset)
       return BatchedSemanticEvaluator(config, dataset, model, ops, variable_shardings,
                                       batch_sharding)
+    if bucketed(config):
+      return BucketedSemanticEvaluator(config, dataset, model, progress, batch_sharding)
+    if config.inference.mode == "whole" and (config.inference.size_divisor or
+                                             config.inference.buckets):
+      logging.info("Test-time augmentation and the CRF run one image at a time: "
+                   "inference.size_divisor / inference.buckets are not used.")
     return PerImageSemanticEvaluator(config, dataset, model, progress)
 
   def predictor(self, config, dataset, model, variables):
@@ -282,6 +436,16 @@ class SemanticTask(Task):
   def writer(self, output_dir, dataset, model) -> PredictionWriter:
     del model
     return LabelMapWriter(output_dir, dataset)
+
+
+def bucketed(config) -> bool:
+  """Whether evaluation batches whole images by size bucket (`BucketedSemanticEvaluator`):
+  inference.size_divisor or inference.buckets set, in whole mode, one pass without CRF
+  (test-time augmentation and the CRF stay one image at a time, with the same results)."""
+  inference = config.inference
+  return (bool(inference.get("size_divisor", 0) or inference.get("buckets", ()))
+          and inference.mode == "whole" and not inference.flip
+          and tuple(inference.scales) == (1.0,) and per_image.crf_options(config) is None)
 
 
 class LabelMapWriter(PredictionWriter):

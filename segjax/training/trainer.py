@@ -36,6 +36,7 @@ from segjax.data import device, pipeline
 from segjax.data.sources import get_dataset
 from segjax.tasks import get_task, variables_of
 from segjax.training import checkpointing, interrupts, optimizers, sharding, steps
+from segjax.training.compile_count import CompileCounter
 from segjax.training.run_logging import MetricWriter, Profiler
 from segjax.training.train_state import create_train_state
 
@@ -66,7 +67,17 @@ def inference_record(config: ml_collections.ConfigDict, task, dataset, input_sha
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns eval metrics."""
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns eval metrics.
+  Logs at the end how many XLA programs the run compiled, by function (a step compiled
+  more than once is a recompilation)."""
+  with CompileCounter() as compiles:
+    try:
+      return _train_and_evaluate(config, workdir)
+    finally:
+      logging.info("%s.", compiles.summary())
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   check_writable(workdir)
   task = get_task(config)
   task.validate(config)
