@@ -266,14 +266,11 @@ class BucketedSemanticEvaluator(SemanticEvaluator):
     self.batch_sharding = batch_sharding if jax.process_count() == 1 else None
     self.plan: Optional[List[buckets_lib.Batch]] = None
     self.compiled = set()  # ("model", B, h, w) and ("score", B, h, w, canvas h, w)
-    mean, std = np.float32(config.data.mean), np.float32(config.data.std)
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
     num_classes, ignore_index = dataset.num_classes, dataset.ignore_index
 
     def forward(variables, images, valid):
-      x = (images.astype(jnp.float32) - mean) / std
-      rows = jnp.arange(images.shape[1])[None] < valid[:, :1]
-      cols = jnp.arange(images.shape[2])[None] < valid[:, 1:]
-      x = jnp.where((rows[:, :, None] & cols[:, None, :])[..., None], x, 0.0)
+      x = device.normalize(images, mean, std, extent=valid)  # zeros beyond each image
       logits = model.apply(variables, x, train=False)
       expected = images.shape[:3] + (num_classes,)
       if tuple(logits.shape) != expected:
