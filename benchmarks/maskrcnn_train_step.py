@@ -18,11 +18,11 @@ steady-state step time (median of `--repeats` timed steps after `--warmup` untim
 ended with block_until_ready). The torchvision step is timed whole: its input transform,
 forward with losses, backward, optimizer step. With static shapes segjax's mask branch has a
 fixed number of RoI slots per image, `--mask-slots` (`MaskRCNN(mask_slots=...)`; by default
-int(512 * 0.25) = 128, every foreground RoI the sampler can draw; with fewer, a weighted random
-subset of the sampled foreground RoIs), foreground first, and runs them in chunks of
-`--mask-chunk` slots per image (`MaskRCNN(mask_chunk=...)`, default 16; 0: one pass over all
-slots), skipping at run time the chunks with no foreground RoI in the batch; torchvision's
-mask head runs on its sampled foreground RoIs.
+MaskRCNN's 32, at most int(512 * 0.25) = 128, every foreground RoI the sampler can draw; with
+fewer slots than foreground RoIs, a weighted random subset of them), foreground first, and
+runs them in one pass, or with `--mask-chunk k` (`MaskRCNN(mask_chunk=k)`; default 0: one pass)
+in chunks of k per image, skipping at run time the chunks with no foreground RoI in the batch;
+torchvision's mask head runs on its sampled foreground RoIs.
 
 Each side runs in its own child process (this script with the internal `--only segjax|torch`),
 so the peak RSS reported for it (`ru_maxrss`: runtime, compiler, model, activations) is its
@@ -134,8 +134,10 @@ def segjax_setup(args, data, **options):
             "instance_valid": np.broadcast_to(np.arange(rows) < count, (batch, rows))}
 
   chunk = {} if args.mask_chunk is None else {"mask_chunk": args.mask_chunk}
+  if args.mask_slots is not None:
+    chunk["mask_slots"] = args.mask_slots
   model = MaskRCNN(num_classes=args.classes, backbone=args.backbone, frozen_bn=True,
-                   trainable_layers=3, mask_slots=args.mask_slots, dtype=jnp.dtype(args.dtype),
+                   trainable_layers=3, dtype=jnp.dtype(args.dtype),
                    **{**chunk, **options})
   # Parameter shapes do not depend on the image size: initialize on a small image.
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
@@ -264,6 +266,9 @@ def bench_torch(args, data):
                        f"torchvision {version} float32")}
 
 
+DEFAULT_MASK_SLOTS = 32  # MaskRCNN.mask_slots (this parent process does not import segjax)
+
+
 def parse_args(argv):
   """The checked command-line arguments `argv` (without the program name)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -279,11 +284,12 @@ def parse_args(argv):
   parser.add_argument("--max-instances", type=int, default=8,
                       help="segjax's padded ground-truth rows per image")
   parser.add_argument("--mask-slots", type=int, default=None,
-                      help="RoI slots per image segjax's mask head trains on (default: 128, "
-                           "all the foreground RoIs the sampler can draw)")
+                      help="RoI slots per image segjax's mask head trains on (default: "
+                           "MaskRCNN's, 32; at most 128, all the foreground RoIs the sampler "
+                           "can draw)")
   parser.add_argument("--mask-chunk", type=int, default=None,
                       help="slots per image of each run-time-skippable chunk of segjax's mask "
-                           "branch (default: MaskRCNN's, 16; 0: one pass over all slots)")
+                           "branch (default: MaskRCNN's, 0: one pass over all slots)")
   parser.add_argument("--lr", type=float, default=0.02)
   parser.add_argument("--clip-norm", type=float, default=1.0,
                       help="clip the trainable gradients to this global norm (0: no clipping)")
@@ -362,15 +368,15 @@ def run(argv):
   if args.only:
     raise ValueError("run() measures both sides; --only and --result are internal.")
   ours, theirs = run_child("segjax", argv), run_child("torch", argv)
-  slots = min(128, args.mask_slots or 128)
-  chunk = "all" if args.mask_chunk == 0 else min(slots, 16 if args.mask_chunk is None
-                                                  else args.mask_chunk)
+  slots = min(128, args.mask_slots or DEFAULT_MASK_SLOTS)
+  chunk = ("in one pass" if not args.mask_chunk else
+           f"in chunks of {min(slots, args.mask_chunk)} skipped without foreground")
   setup = [f"Mask R-CNN {args.backbone}-FPN train step, batch {args.batch} x {args.size}x"
            f"{args.size}, {args.classes} classes, {args.instances} instances per image, "
            f"SGD momentum (lr {args.lr}, gradients clipped to global norm "
            f"{args.clip_norm or 'inf'}); segjax's mask branch on {slots} RoI slots per image "
-           f"(--mask-slots {args.mask_slots}) in chunks of {chunk} skipped without "
-           f"foreground (--mask-chunk {args.mask_chunk}); {args.repeats} timed steps after "
+           f"(--mask-slots {args.mask_slots}) {chunk} "
+           f"(--mask-chunk {args.mask_chunk}); {args.repeats} timed steps after "
            f"{args.warmup} "
            "warm-up; each side in its own process",
            f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}",

@@ -73,17 +73,20 @@ class MaskRCNN(nn.Module):
   box_pre_nms_top_k: Optional[int] = 1000
   mask_channels: int = 256
   mask_num_convs: int = 4
-  # Foreground RoI slots per image the mask head trains on; None: every foreground RoI the
-  # sampler can draw, int(box_batch_size_per_image * box_positive_fraction) (128 with
-  # torchvision's settings). An image with more foreground RoIs than slots trains on a
-  # uniformly random subset of them, weighted so that the mask loss stays unbiased
-  # (`segjax.ops.foreground_slots`).
-  mask_slots: Optional[int] = None
+  # Foreground RoI slots per image the mask head trains on (at most every foreground RoI the
+  # sampler can draw, int(box_batch_size_per_image * box_positive_fraction), 128 with
+  # torchvision's settings; None: that many). An image with more foreground RoIs than slots
+  # trains on a uniformly random subset of them, weighted so that the mask loss stays
+  # unbiased (`segjax.ops.foreground_slots`): sampling noise, as the RoI sampler's own. 32
+  # (default) made the R50-FPN step 1.6x faster on the CPU (benchmarks/RESULTS.md).
+  mask_slots: Optional[int] = 32
   # The mask branch (RoIAlign, head, targets, loss) runs on the slots in chunks of this many per
   # image, foreground first, and a chunk with no foreground RoI in any image of the batch is
   # skipped at run time (lax.cond): its cost follows the batch's largest foreground count, as
-  # torchvision's follows its foreground RoIs, not the static slot count. 0: one pass over all.
-  mask_chunk: int = 16
+  # torchvision's follows its foreground RoIs, not the static slot count. 0 (default): one pass
+  # over all; on the CPU chunks of 16 made the R50-FPN step 4.8x slower (benchmarks/RESULTS.md),
+  # so they are for accelerators to try, unmeasured there yet.
+  mask_chunk: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 

@@ -145,3 +145,9 @@ def test_timer_stops_at_its_time_budget():
   times = timer(lambda: calls.append(1))
   assert len(times) == 1 and len(calls) == 2
   assert statistics.median(accelerator.Timer(0, 3, 10.0)(lambda: None)) >= 0
+
+
+def test_maskrcnn_benchmark_states_the_models_default_mask_slots():
+  from benchmarks import maskrcnn_train_step
+  from segjax.models.mask_rcnn import MaskRCNN
+  assert maskrcnn_train_step.DEFAULT_MASK_SLOTS == MaskRCNN.mask_slots
