@@ -82,12 +82,13 @@ def straight(data_dir, tmp_path_factory):
 # --- 1. SIGTERM and Ctrl-C: finish the step, save, say where, exit 0 ----------------------
 
 def _signal_at_step(monkeypatch, signum, at):
-  """Makes the train loop's batch `at` send `signum` to this process (as a scheduler or
-  the user would), i.e. during step `at`."""
+  """Makes the train loop send `signum` to this process (as a scheduler or the user would)
+  during step `at`: batches go to the devices one step ahead (`prefetch_to_device`), so
+  the transfer of batch `at` + 1 is what happens just before step `at` is dispatched."""
   real, calls = trainer.pipeline.to_global, []
   def to_global(batch, sharding):
     calls.append(1)
-    if len(calls) == at:
+    if len(calls) == at + 1:
       os.kill(os.getpid(), signum)
     return real(batch, sharding)
   monkeypatch.setattr(trainer.pipeline, "to_global", to_global)

@@ -134,7 +134,8 @@ def test_mask_slots_train_on_a_weighted_random_subset_of_the_foreground_rois(var
                        method=lambda m, *a: m._mask_loss(*a))
 
   assert _model().mask_slot_count() == 2 and _model(mask_slots=50).mask_slot_count() == 2
-  assert MaskRCNN(num_classes=3).mask_slot_count() == 128  # torchvision's 512 x 0.25
+  assert MaskRCNN(num_classes=3).mask_slot_count() == 32  # the default
+  assert MaskRCNN(num_classes=3, mask_slots=None).mask_slot_count() == 128  # 512 x 0.25
   both = float(mask_loss(_model(), roi_t, jax.random.key(0)))
   assert np.isclose(float(mask_loss(_model(mask_slots=50), roi_t, jax.random.key(1))), both,
                     rtol=1e-6)
